@@ -1,0 +1,1 @@
+"""TFDS data sources -> Grain pipelines -> global batches on the mesh."""

@@ -1,0 +1,110 @@
+"""Grain pipelines: a TFDS split -> local numpy batches for this process.
+
+Training batches come from an infinite, resumable order (see samplers.py).
+Evaluation batches cover the split exactly once, padded to a whole number of
+global batches with `mask=0` rows so every process runs the same number of
+steps and nothing is dropped or counted twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import grain
+import numpy as np
+import PIL.Image
+
+from histojax.data import augment, samplers
+
+
+def decode_image(data) -> np.ndarray:
+  """Encoded bytes (PNG/JPEG/TIFF) -> uint8 HxWx3."""
+  if isinstance(data, np.ndarray):
+    return data
+  with PIL.Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read(grain.transforms.Map):
+  source: object
+
+  def map(self, index):
+    record = self.source[int(index)]
+    return {"image": decode_image(record["image"]), "label": np.int32(record["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainView(grain.transforms.RandomMap):
+  image_size: int
+  flip_rot90: bool
+
+  def random_map(self, example, rng: np.random.Generator):
+    image = augment.random_crop(example["image"], self.image_size, rng)
+    if self.flip_rot90:
+      image = augment.random_dihedral(image, rng)
+    return {"image": image, "label": example["label"]}
+
+
+def train_dataset(source, labels: np.ndarray, input_config, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Infinite stream of local batches {'image': uint8 [B,H,W,3], 'label': int32 [B]}."""
+  cfg = input_config
+  process = dict(process_index=process_index, process_count=process_count)
+  if cfg.sampler == "m_per_class":
+    order = samplers.MPerClassOrder(labels, cfg.batch_size, cfg.m_per_class, seed, **process)
+  else:
+    order = samplers.ShuffledOrder(len(labels), cfg.batch_size, seed, **process)
+  ds = (order.map(_Read(source))
+        .random_map(_TrainView(cfg.image_size, cfg.flip_rot90), seed=seed)
+        .batch(cfg.batch_size // process_count, drop_remainder=True))
+  return _iterate(ds, cfg)
+
+
+def _iterate(ds: grain.MapDataset, cfg) -> grain.IterDataset:
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, cfg.prefetch), prefetch_buffer_size=cfg.prefetch))
+  if cfg.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+  return it
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalRead(grain.transforms.Map):
+  source: object
+  image_size: int
+
+  def map(self, index):
+    index = int(index)
+    if index < 0:  # padding row
+      return {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
+              "index": np.int32(-1), "mask": np.float32(0)}
+    image = augment.center_crop(decode_image(self.source[index]["image"]), self.image_size)
+    return {"image": image, "index": np.int32(index), "mask": np.float32(1)}
+
+
+def eval_positions(num_examples: int, global_batch: int, process_index: int = 0,
+                   process_count: int = 1) -> np.ndarray:
+  """Example index for each of this process's eval rows; -1 marks padding.
+
+  Global batch b holds examples [b*G, (b+1)*G); process p reads its
+  contiguous share of each, so gathering the global batch restores order.
+  """
+  num_batches = -(-num_examples // global_batch)
+  local = global_batch // process_count
+  batch = np.arange(num_batches)[:, None] * global_batch
+  positions = batch + process_index * local + np.arange(local)[None, :]
+  positions = positions.reshape(-1)
+  return np.where(positions < num_examples, positions, -1)
+
+
+def eval_dataset(source, image_size: int, global_batch: int, process_index: int = 0,
+                 process_count: int = 1, num_workers: int = 0) -> grain.IterDataset:
+  """Finite, ordered local batches {'image', 'index', 'mask'} covering the split once."""
+  positions = eval_positions(len(source), global_batch, process_index, process_count)
+  ds = (grain.MapDataset.source(positions).map(_EvalRead(source, image_size))
+        .batch(global_batch // process_count))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it

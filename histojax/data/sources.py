@@ -1,0 +1,115 @@
+"""TFDS datasets: preparing them and opening their splits for random access.
+
+Images are read as encoded bytes (`SkipDecoding`) and decoded with PIL in the
+Grain pipeline, so no TensorFlow is needed anywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+import tfds_builders  # noqa: F401  (registers our builders with TFDS)
+
+
+def builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
+  return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+
+
+def prepare(name: str, data_dir: str = "", manual_dir: str = "") -> dict[str, Any]:
+  """Builds the dataset if needed and returns a summary of what is on disk.
+
+  TFDS writes into an `incomplete.*` folder and renames it only once every
+  split is written, so an interrupted build never reads as prepared.
+  """
+  b = builder(name, data_dir)
+  start = time.perf_counter()
+  if not b.is_prepared():
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+  return summary(b, seconds=time.perf_counter() - start)
+
+
+def summary(b: tfds.core.DatasetBuilder, seconds: float = 0.0) -> dict[str, Any]:
+  """Examples, bytes and per-class counts of every split of a built dataset."""
+  names = b.info.features["label"].names
+  splits = {}
+  for split_name, split in b.info.splits.items():
+    counts = collections.Counter(read_metadata(_data_source(b, split_name))["label"].tolist())
+    splits[split_name] = {
+        "examples": split.num_examples,
+        "bytes": split.num_bytes,
+        "per_class": {names[i]: counts.get(i, 0) for i in range(len(names))},
+    }
+  name = f"{b.name}/{b.builder_config.name}" if b.builder_config else b.name
+  return {"dataset": name, "version": str(b.info.version), "data_dir": str(b.data_dir),
+          "seconds": round(seconds, 2), "splits": splits}
+
+
+def open_split(name: str, split: str, data_dir: str = ""):
+  """Random-access source over one prepared split; images stay encoded."""
+  b = builder(name, data_dir)
+  if not b.is_prepared():
+    raise FileNotFoundError(
+        f"dataset {name!r} is not prepared under {b.data_dir_root}; run "
+        f"`python -m histojax.prepare --dataset {name}` first")
+  if split not in b.info.splits:
+    raise KeyError(f"dataset {name!r} has no split {split!r}; it has {sorted(b.info.splits)}")
+  return _data_source(b, split)
+
+
+def _data_source(b: tfds.core.DatasetBuilder, split: str):
+  return b.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def class_names(name: str, data_dir: str = "") -> list[str]:
+  return list(builder(name, data_dir).info.features["label"].names)
+
+
+def read_metadata(source, chunk: int = 512) -> dict[str, np.ndarray]:
+  """Labels, source image ids and tile coordinates of every example, in order.
+
+  Samplers and exports need these for the whole split; images are not decoded.
+  """
+  labels, ids, coords = [], [], []
+  for start in range(0, len(source), chunk):
+    for record in source.__getitems__(list(range(start, min(start + chunk, len(source))))):
+      labels.append(int(record["label"]))
+      ids.append(_text(record.get("source_id", b"")))
+      coords.append(np.asarray(record.get("coords", (0, 0)), np.int32))
+  return {
+      "label": np.asarray(labels, np.int64),
+      "source_id": np.asarray(ids, dtype=str),
+      "coords": np.stack(coords) if coords else np.zeros((0, 2), np.int32),
+  }
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def ensure_prepared(dataset_config) -> None:
+  """Builds the configured dataset once if it is missing (process 0 builds,
+  the others wait), or fails with the command that would build it."""
+  import jax
+
+  from histojax.monitor import info
+
+  cfg = dataset_config
+  if builder(cfg.name, cfg.data_dir).is_prepared():
+    return
+  if not cfg.prepare_if_missing:
+    raise FileNotFoundError(
+        f"dataset {cfg.name!r} is not prepared and dataset.prepare_if_missing is off; run "
+        f"`python -m histojax.prepare --dataset {cfg.name}`")
+  if jax.process_index() == 0:
+    info("preparing dataset %s (first use)", cfg.name)
+    built = prepare(cfg.name, cfg.data_dir, cfg.manual_dir)
+    info("prepared %s in %.1f s: %s", built["dataset"], built["seconds"],
+         {k: v["examples"] for k, v in built["splits"].items()})
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("histojax:dataset_prepared")

@@ -1,0 +1,118 @@
+"""Train a retrieval model, checkpoint it, and evaluate it at the end.
+
+    python -m histojax.train --config configs/quickstart.py --workdir /tmp/hj-quickstart
+
+`--config` takes `file.py[:variant]` and `--config.a.b=value` overrides.
+Running the same command again resumes from the latest checkpoint in the
+workdir; a finished run only reports (or, if missing, computes) its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from etils import epath
+
+from histojax import checkpoint, evaluate
+from histojax import config as config_lib
+from histojax import mesh as mesh_lib
+from histojax import monitor as monitor_lib
+from histojax import step as step_lib
+from histojax.data import pipeline, sources
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+                       stop_at: int | None = None) -> dict:
+  """Trains to `config.total_steps` (resuming if possible); returns eval metrics.
+
+  `stop_at` ends this run early at that step, with a checkpoint, as a
+  preemption would; the schedule still follows `total_steps`, so a later run
+  continues exactly. Returns {} when evaluation is off or the run stopped early.
+  """
+  config_lib.validate(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir / "config.json")
+
+  # --- Data -----------------------------------------------------------------
+  sources.ensure_prepared(config.dataset)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh_lib.local_batch_size(config.input.batch_size, mesh)
+  source = sources.open_split(config.dataset.name, config.dataset.train_split, config.dataset.data_dir)
+  labels = sources.read_metadata(source)["label"]
+  data_iter = iter(pipeline.train_dataset(source, labels, config.input, config.seed,
+                                          jax.process_index(), jax.process_count()))
+
+  # --- State: checkpoint in workdir, else fresh ------------------------------
+  trainer, state = step_lib.create(config, mesh)
+  mngr = checkpoint.manager(workdir, config.checkpoint)
+  start = mngr.latest_step() or 0
+  if mngr.latest_step() is not None:
+    state, data_state = checkpoint.restore(mngr, start, state)
+    data_iter.set_state(data_state)
+    monitor_lib.info("resumed from %s at step %d", workdir / "checkpoints", start)
+
+  if start >= config.total_steps:
+    mngr.close()
+    return _report_finished(config, workdir, trainer, state, start)
+
+  # --- Compile ahead, so shape and memory problems show before step 1 ---------
+  rng = jax.random.key(config.seed)
+  compiled = step_lib.jit_train_step(trainer, state).lower(
+      state, step_lib.batch_spec(config), jax.eval_shape(lambda: rng)).compile()
+  monitor_lib.info(step_lib.compile_report(compiled))
+
+  # --- Loop -----------------------------------------------------------------
+  last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+  mon = monitor_lib.Monitor(workdir, config.total_steps, start)
+  for step in range(start + 1, last + 1):
+    batch = mesh_lib.to_global(next(data_iter), mesh)
+    state, metrics = compiled(state, batch, rng)
+    if step % config.log_every == 0 or step == config.total_steps:
+      mon.log(step, jax.device_get(metrics))
+    mon.advance(step)
+    checkpoint.save(mngr, step, state, data_iter.get_state(), force=step == last)
+  mon.close()
+  mngr.wait_until_finished()
+  mngr.close()
+
+  if last < config.total_steps or not config.eval.at_end:
+    return {}
+  return evaluate.evaluate(config, workdir, trainer, state, last)
+
+
+def _report_finished(config, workdir: epath.Path, trainer, state, step: int) -> dict:
+  metrics_path = workdir / "eval" / "metrics.json"
+  if metrics_path.exists():
+    results = json.loads(metrics_path.read_text())
+    if results.get("step") == step:
+      monitor_lib.info("training finished at step %d; reporting %s", step, metrics_path)
+      if jax.process_index() == 0:
+        print(evaluate.format_table(results))
+      return results
+  if not config.eval.at_end:
+    monitor_lib.info("training finished at step %d; evaluation is off", step)
+    return {}
+  return evaluate.evaluate(config, workdir, trainer, state, step)
+
+
+if __name__ == "__main__":
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.", required=True)
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.config is None:
+      raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
+    monitor_lib.quiet_libraries()
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+  app.run(main)

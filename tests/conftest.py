@@ -1,0 +1,38 @@
+"""Test set-up: 8 fake CPU devices, so sharded code runs over a real mesh.
+
+XLA reads the flag once, when JAX first initialises its backend, so it is set
+here before any test module imports jax.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from histojax.data import sources  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> str:
+  """TFDS data_dir holding the prepared `synthetic_tissue/tiny` dataset."""
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  sources.prepare("synthetic_tissue/tiny", data_dir)
+  return data_dir
+
+
+@pytest.fixture(scope="session")
+def devices():
+  assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS)"
+  return jax.devices()
+
+
+def tiny_config(data_dir: str):
+  """The quickstart's `tiny` variant, reading the test data_dir."""
+  from configs import quickstart  # noqa: PLC0415
+  config = quickstart.get_config("tiny")
+  config.dataset.data_dir = data_dir
+  config.dataset.prepare_if_missing = False
+  return config

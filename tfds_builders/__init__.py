@@ -1,0 +1,6 @@
+"""histojax's TFDS builders. Importing this package registers every builder,
+so `tfds.builder(name)` and `tfds.data_source(name)` find them by name."""
+from tfds_builders import synthetic_tissue  # noqa: F401
+
+# Dataset names this package provides, in the order the README lists them.
+NAMES = ("synthetic_tissue",)
