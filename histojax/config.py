@@ -13,6 +13,7 @@ import ml_collections
 from etils import epath
 
 from histojax import models, objectives
+from histojax.data import colour
 
 
 def base_config(model: str = "resnet", objective: str = "multi_similarity") -> ml_collections.ConfigDict:
@@ -35,10 +36,18 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity") -> m
   c.input.sampler = "m_per_class"  # or "shuffle"
   c.input.m_per_class = 8
   c.input.image_size = 224
+  c.input.crop = "random"  # random | random_resized (area and aspect jitter, then resize)
+  c.input.crop_scale_min = 0.08  # random_resized: fraction of the patch area kept
+  c.input.crop_scale_max = 1.0
+  c.input.crop_ratio_min = 3 / 4  # random_resized: aspect ratio range
+  c.input.crop_ratio_max = 4 / 3
   c.input.flip_rot90 = True  # histology has no canonical orientation
   c.input.num_workers = 0  # Grain worker processes; 0 reads in the main process
   c.input.prefetch = 2
   c.input.eval_batch_size = 256
+
+  # Device-side colour per view (view2 is used by two-view objectives only).
+  c.augment = ml_collections.ConfigDict(dict(view1=colour.view_defaults(), view2=colour.view_defaults()))
 
   c.model = models.MODELS.defaults(model)
   c.objective = objectives.OBJECTIVES.defaults(objective)
@@ -82,6 +91,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"input.batch_size must be positive, got {inp.batch_size}")
   if inp.sampler not in ("m_per_class", "shuffle"):
     raise ValueError(f"input.sampler must be 'm_per_class' or 'shuffle', got {inp.sampler!r}")
+  if inp.crop not in ("random", "random_resized"):
+    raise ValueError(f"input.crop must be 'random' or 'random_resized', got {inp.crop!r}")
+  if not 0 < inp.crop_scale_min <= inp.crop_scale_max <= 1:
+    raise ValueError(f"input.crop_scale_min/max must satisfy 0 < min <= max <= 1, got "
+                     f"{inp.crop_scale_min}, {inp.crop_scale_max}")
   if inp.sampler == "m_per_class" and inp.batch_size % inp.m_per_class:
     raise ValueError(
         f"input.batch_size ({inp.batch_size}) must be a multiple of input.m_per_class ({inp.m_per_class})")

@@ -9,7 +9,7 @@ donated, so a step never holds two copies of the weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,27 +19,27 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from histojax import mesh as mesh_lib
-from histojax import models, objectives, optim
+from histojax import objectives, optim
 
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
   """Everything static about a run: how to rebuild modules from the state."""
   graphdef: Any
-  loss_fn: Callable
+  objective: objectives.Objective
   lr_schedule: optax.Schedule
   mesh: Mesh
 
 
 def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
   """Builds model and optimizer; returns the static half and the replicated state."""
-  model = models.build_model(config.model, seed=config.seed)
+  objective = objectives.build(config)
+  model = objective.build_model(config.seed)
   tx, lr = optim.make_optimizer(config.optimizer, config.total_steps)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, tx, wrt=objective.trainable)
   graphdef, state = nnx.split((model, optimizer))
-  loss_fn = objectives.OBJECTIVES.get(config.objective.name)(config.objective)
   state = jax.device_put(state, mesh_lib.replicated(mesh))
-  return Trainer(graphdef, loss_fn, lr, mesh), state
+  return Trainer(graphdef, objective, lr, mesh), state
 
 
 def step_of(state: nnx.State) -> int:
@@ -58,15 +58,19 @@ def train_step(trainer: Trainer, state: nnx.State, batch: dict, rng: jax.Array):
   step = optimizer.step[...]
   rng = jax.random.fold_in(rng, step)
 
-  def loss(m):
-    return trainer.loss_fn(m, batch, rng)
+  objective = trainer.objective
 
-  (loss_value, aux), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+  def loss(m):
+    return objective.loss(m, batch, rng)
+
+  trainable = nnx.DiffState(0, objective.trainable)
+  (loss_value, aux), grads = nnx.value_and_grad(loss, argnums=trainable, has_aux=True)(model)
   optimizer.update(model, grads)
+  objective.after_update(model, step + 1)
   metrics = {
       "loss": loss_value,
       "grad_norm": _global_norm(grads),
-      "param_norm": _global_norm(nnx.state(model, nnx.Param)),
+      "param_norm": _global_norm(nnx.state(model, objective.trainable)),
       "lr": trainer.lr_schedule(step),
       **aux,
   }
@@ -87,7 +91,7 @@ def embed(trainer: Trainer, state: nnx.State, images: jax.Array) -> jax.Array:
   """Eval-mode embeddings (running batch statistics, no state change)."""
   model, _ = nnx.merge(trainer.graphdef, state)
   model.eval()
-  return model(images)
+  return trainer.objective.embed(model, images)
 
 
 def jit_embed(trainer: Trainer):
@@ -106,8 +110,9 @@ def compile_report(compiled) -> str:
           f"aliased {mib(mem.alias_size_in_bytes):.1f} MiB")
 
 
-def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(config: ml_collections.ConfigDict, views: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of a global training batch, for compiling ahead of step 1."""
   b, s = config.input.batch_size, config.input.image_size
-  return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
-          "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  image = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)
+  names = ["image"] if views == 1 else [f"view{v + 1}" for v in range(views)]
+  return {**{n: image for n in names}, "label": jax.ShapeDtypeStruct((b,), jnp.int32)}

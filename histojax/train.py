@@ -45,11 +45,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   mesh_lib.local_batch_size(config.input.batch_size, mesh)
   source = sources.open_split(config.dataset.name, config.dataset.train_split, config.dataset.data_dir)
   labels = sources.read_metadata(source)["label"]
+  trainer, state = step_lib.create(config, mesh)
+  views = trainer.objective.views
   data_iter = iter(pipeline.train_dataset(source, labels, config.input, config.seed,
-                                          jax.process_index(), jax.process_count()))
+                                          jax.process_index(), jax.process_count(), views))
 
   # --- State: checkpoint in workdir, else fresh ------------------------------
-  trainer, state = step_lib.create(config, mesh)
   mngr = checkpoint.manager(workdir, config.checkpoint)
   start = mngr.latest_step() or 0
   if mngr.latest_step() is not None:
@@ -64,7 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   # --- Compile ahead, so shape and memory problems show before step 1 ---------
   rng = jax.random.key(config.seed)
   compiled = step_lib.jit_train_step(trainer, state).lower(
-      state, step_lib.batch_spec(config), jax.eval_shape(lambda: rng)).compile()
+      state, step_lib.batch_spec(config, views), jax.eval_shape(lambda: rng)).compile()
   monitor_lib.info(step_lib.compile_report(compiled))
 
   # --- Loop -----------------------------------------------------------------

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from histojax.objectives.base import OBJECTIVES
+from histojax.objectives.base import OBJECTIVES, Objective
 
 
 def _log1p_sum_exp(x, mask):
@@ -135,14 +135,31 @@ def abe_loss(sub_embeddings, labels, *, margin_c=0.5, lambda_div=0.05, margin_di
   return metric + lambda_div * div, {"metric_loss": metric, "divergence": div}
 
 
-def _ms_defaults():
-  return ml_collections.ConfigDict(dict(alpha=2.0, beta=5.0, base=0.5, epsilon=0.1))
+class _SingleView(Objective):
+  """Labelled metric learning on one augmented view of each patch."""
+
+  def loss(self, model, batch, rng):
+    return self.embedding_loss(model(self.augment(batch["image"], rng)), batch["label"])
+
+  def embedding_loss(self, embeddings, labels):
+    raise NotImplementedError
 
 
-@OBJECTIVES.register("multi_similarity", defaults=_ms_defaults)
-def multi_similarity(cfg: ml_collections.ConfigDict):
-  def loss_fn(model, batch, rng: jax.Array):
-    del rng  # deterministic given the batch
-    return multi_similarity_loss(model(batch["image"]), batch["label"], alpha=cfg.alpha,
-                                 beta=cfg.beta, base=cfg.base, epsilon=cfg.epsilon)
-  return loss_fn
+@OBJECTIVES.register("multi_similarity", defaults=lambda: ml_collections.ConfigDict(
+    dict(alpha=2.0, beta=5.0, base=0.5, epsilon=0.1)))
+class MultiSimilarity(_SingleView):
+  def embedding_loss(self, embeddings, labels):
+    c = self.cfg
+    return multi_similarity_loss(embeddings, labels, alpha=c.alpha, beta=c.beta, base=c.base, epsilon=c.epsilon)
+
+
+@OBJECTIVES.register("contrastive", defaults=lambda: ml_collections.ConfigDict(dict(margin=0.5)))
+class Contrastive(_SingleView):
+  def embedding_loss(self, embeddings, labels):
+    return contrastive_loss(embeddings, labels, margin=self.cfg.margin)
+
+
+@OBJECTIVES.register("triplet", defaults=lambda: ml_collections.ConfigDict(dict(margin=0.1)))
+class Triplet(_SingleView):
+  def embedding_loss(self, embeddings, labels):
+    return batch_hard_triplet_loss(embeddings, labels, margin=self.cfg.margin)
