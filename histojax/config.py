@@ -12,7 +12,7 @@ import json
 import ml_collections
 from etils import epath
 
-from histojax import models, objectives
+from histojax import models, objectives, optim
 from histojax.data import colour
 
 
@@ -53,12 +53,12 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity") -> m
   c.objective = objectives.OBJECTIVES.defaults(objective)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # adamw | sgd
+  c.optimizer.name = "adamw"  # adamw | sgd | lars
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 100
   c.optimizer.end_lr_fraction = 0.0  # cosine decays to lr * this
   c.optimizer.weight_decay = 1e-4  # on kernels only, not on biases or norm scales
-  c.optimizer.momentum = 0.9  # sgd only
+  c.optimizer.momentum = 0.9  # sgd and lars
   c.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
 
   c.mesh = ml_collections.ConfigDict()
@@ -101,8 +101,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"input.batch_size ({inp.batch_size}) must be a multiple of input.m_per_class ({inp.m_per_class})")
   if config.total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {config.total_steps}")
-  if config.optimizer.name not in ("adamw", "sgd"):
-    raise ValueError(f"optimizer.name must be 'adamw' or 'sgd', got {config.optimizer.name!r}")
+  if config.optimizer.name not in optim.NAMES:
+    raise ValueError(f"optimizer.name must be one of {optim.NAMES}, got {config.optimizer.name!r}")
   models.MODELS.get(config.model.name)
   objectives.OBJECTIVES.get(config.objective.name)
 
