@@ -38,12 +38,20 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 PIL.Image.MAX_IMAGE_PIXELS = 2_000_000_000
 
 
-class ManualDirError(FileNotFoundError):
+class BuildError(Exception):
+  """A build stopped on its input; the message says what to fix. Nothing was marked prepared."""
+
+
+class ManualDirError(BuildError, FileNotFoundError):
   """The manual_dir is missing, empty, or not laid out as the archive is."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(BuildError, ValueError):
   """An image file that cannot be decoded; the message names the file."""
+
+
+class EmptySplitError(BuildError, ValueError):
+  """Every tile of a split was dropped: the tiling config does not fit the images."""
 
 
 @dataclasses.dataclass
@@ -357,7 +365,7 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                      len(sources), stats["tiles_kept"], stats["tiles_dropped"])
       yield from result.examples
     if not stats["tiles_kept"]:
-      raise ValueError(f"{self.name}: split {split!r} has no examples: {len(sources)} images gave "
+      raise EmptySplitError(f"{self.name}: split {split!r} has no examples: {len(sources)} images gave "
                        f"{stats['tiles_dropped']} tiles, all dropped by the tissue filter")
     self.info.metadata["splits"][split] = stats
 
