@@ -30,7 +30,7 @@ def format_summary(summary: dict) -> str:
   for c in classes:
     lines.append(f"{c:<{width}}" + "".join(f"{splits[s]['per_class'][c]:>10}" for s in splits))
   lines.append(f"{'examples':<{width}}" + "".join(f"{splits[s]['examples']:>10}" for s in splits))
-  for key, title in (("source_images", "images"), ("tiles_dropped", "dropped")):
+  for key, title in (("source_images", "images"), ("images_without_tiles", "no tiles"), ("tiles_dropped", "dropped")):
     if any(key in v for v in splits.values()):
       lines.append(f"{title:<{width}}" + "".join(f"{splits[s].get(key, 0):>10}" for s in splits))
   lines.append(f"{'MiB':<{width}}" + "".join(f"{splits[s]['bytes'] / 2**20:>10.1f}" for s in splits))

@@ -75,11 +75,11 @@ def bach_archive(root: pathlib.Path, per_class: int = 5, header: bool = False) -
 BRACS_CONFIG = BracsConfig(name="t32", patch_size=32, tissue_threshold=0.1)
 
 
-def bracs_archive(root: pathlib.Path, folders=None) -> pathlib.Path:
-  """BRACS_RoI/latest_version/{train,val,test}/<k>_<LABEL>/BRACS_<wsi>_<LABEL>_<n>.png,
+def bracs_archive(root: pathlib.Path, folders=None, release: str = "latest_version") -> pathlib.Path:
+  """BRACS_RoI/<release>/{train,val,test}/<k>_<LABEL>/BRACS_<wsi>_<LABEL>_<n>.png,
   one RoI per class and split, of varying size (64x64 or 64x96: 4 or 6 tiles)."""
   folders = folders or [f"{k}_{s}" for k, s in enumerate(SUBTYPES)]
-  base = root / "BRACS_RoI" / "latest_version"
+  base = root / "BRACS_RoI" / release
   for s, split in enumerate(("train", "val", "test")):
     for k, folder in enumerate(folders):
       label = folder.split("_", 1)[1]

@@ -40,7 +40,8 @@ def test_bach_archive_builds_and_reads_back(tmp_path):
   example = ds["test"][0]
   assert example["image"].shape == (32, 32, 3) and example["original_split"] == b"train"
   built = b.info.metadata["splits"]
-  assert built["train"] == {"source_images": 12, "tiles_kept": 48, "tiles_dropped": 24, "corrupt_skipped": []}
+  assert built["train"] == {"source_images": 12, "tiles_kept": 48, "tiles_dropped": 24, "images_without_tiles": 0,
+                            "corrupt_skipped": []}
   assert b.info.features["label"].names == list(CLASS_NAMES)
 
 

@@ -350,7 +350,8 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str, sources: list[SourceImage]):
     work = functools.partial(prepare_source, spec=self.image_spec(split))
-    stats = {"source_images": len(sources), "tiles_kept": 0, "tiles_dropped": 0, "corrupt_skipped": []}
+    stats = {"source_images": len(sources), "tiles_kept": 0, "tiles_dropped": 0,
+             "images_without_tiles": 0, "corrupt_skipped": []}
     for done, result in enumerate(ordered_map(work, sources, self._workers), 1):
       if result.error:
         if not self._skip_corrupt:
@@ -360,6 +361,8 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         stats["corrupt_skipped"].append(result.source.path)
       stats["tiles_kept"] += len(result.examples)
       stats["tiles_dropped"] += result.dropped
+      # An image whose every tile is background vanishes from the split; count it.
+      stats["images_without_tiles"] += not result.examples and not result.error
       if done % 50 == 0 or done == len(sources):
         logging.info("%s/%s: %d/%d images, %d tiles kept, %d dropped", self.name, split, done,
                      len(sources), stats["tiles_kept"], stats["tiles_dropped"])

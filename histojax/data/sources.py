@@ -54,7 +54,8 @@ def summary(b: tfds.core.DatasetBuilder, seconds: float = 0.0) -> dict[str, Any]
         "examples": split.num_examples,
         "bytes": split.num_bytes,
         "per_class": {names[i]: counts.get(i, 0) for i in range(len(names))},
-        **{k: built[split_name][k] for k in ("source_images", "tiles_dropped", "corrupt_skipped")
+        **{k: built[split_name][k] for k in ("source_images", "images_without_tiles", "tiles_dropped",
+                                             "corrupt_skipped")
            if k in built.get(split_name, {})},
     }
   name = f"{b.name}/{b.builder_config.name}" if b.builder_config else b.name
