@@ -24,16 +24,17 @@ def format_summary(summary: dict) -> str:
   splits = summary["splits"]
   classes = list(next(iter(splits.values()))["per_class"]) if splits else []
   width = max([len(c) for c in classes] + [8])
-  head = f"{'class':<{width}}" + "".join(f"{s:>10}" for s in splits)
+  col = max([len(s) + 2 for s in splits] + [10])  # "validation" needs more than 10
+  head = f"{'class':<{width}}" + "".join(f"{s:>{col}}" for s in splits)
   lines = [f"{summary['dataset']} {summary['version']} at {summary['data_dir']} "
            f"({summary['seconds']:.1f} s)", head, "-" * len(head)]
   for c in classes:
-    lines.append(f"{c:<{width}}" + "".join(f"{splits[s]['per_class'][c]:>10}" for s in splits))
-  lines.append(f"{'examples':<{width}}" + "".join(f"{splits[s]['examples']:>10}" for s in splits))
+    lines.append(f"{c:<{width}}" + "".join(f"{splits[s]['per_class'][c]:>{col}}" for s in splits))
+  lines.append(f"{'examples':<{width}}" + "".join(f"{splits[s]['examples']:>{col}}" for s in splits))
   for key, title in (("source_images", "images"), ("images_without_tiles", "no tiles"), ("tiles_dropped", "dropped")):
     if any(key in v for v in splits.values()):
-      lines.append(f"{title:<{width}}" + "".join(f"{splits[s].get(key, 0):>10}" for s in splits))
-  lines.append(f"{'MiB':<{width}}" + "".join(f"{splits[s]['bytes'] / 2**20:>10.1f}" for s in splits))
+      lines.append(f"{title:<{width}}" + "".join(f"{splits[s].get(key, 0):>{col}}" for s in splits))
+  lines.append(f"{'MiB':<{width}}" + "".join(f"{splits[s]['bytes'] / 2**20:>{col}.1f}" for s in splits))
   for s in splits:
     for path in splits[s].get("corrupt_skipped", []):
       lines.append(f"skipped corrupt image ({s}): {path}")
