@@ -52,9 +52,10 @@ def resize(image: np.ndarray, factor: float) -> np.ndarray:
 
 def saturation(image: np.ndarray) -> np.ndarray:
   """HSV saturation in [0, 1] of a uint8 RGB image."""
-  rgb = image.astype(np.float32)
-  high, low = rgb.max(-1), rgb.min(-1)
-  return np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
+  # max/min on uint8 before any float work: 3x less memory traffic on big photos.
+  high = image.max(-1).astype(np.float32)
+  low = image.min(-1).astype(np.float32)
+  return np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0).astype(np.float32)
 
 
 def otsu_threshold(values: np.ndarray) -> float:
