@@ -46,7 +46,7 @@ class Attention(nnx.Module):
   """Multi-head self-attention with a fused q|k|v projection (q, k, v blocks, heads inside)."""
 
   def __init__(self, dim, heads, *, dtype, rngs):
-    if dim % heads:
+    if heads < 1 or dim % heads:
       raise ValueError(f"model.width ({dim}) must be divisible by model.heads ({heads})")
     self.heads = heads
     self.qkv = dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
