@@ -57,7 +57,7 @@ def convert(format_name: str, input_path: str, output: str, *, model: str = "", 
   imported = weights.import_tensors(abstract, tensors, fmt, source=input_path, allow_missing=allow_missing)
   manifest = {
       "format": fmt.name, "source": os.path.abspath(input_path), "source_sha256": _sha256(input_path),
-      "model": cfg.to_dict(), "inferred": fields, "ignored": imported.ignored,
+      "model": cfg.to_dict(), "inferred": fields, "sources": imported.sources, "ignored": imported.ignored,
       "left_at_init": imported.left_at_init, "backbone_parameters": models.parameter_count(abstract.backbone),
   }
   return store.save(output, imported.values, manifest)

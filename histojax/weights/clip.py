@@ -19,15 +19,15 @@ _TOWER = "visual."
 
 
 def scope(tensors: dict) -> tuple[dict, dict]:
-  """The image tower's tensors; a bare tower (no `visual.` names) is taken whole."""
+  """The image tower's tensors (names kept); a bare tower (no `visual.` names) is taken whole."""
   if not any(k.startswith(_TOWER) for k in tensors):
     return dict(tensors), {}
-  tower = {k[len(_TOWER):]: v for k, v in tensors.items() if k.startswith(_TOWER)}
+  tower = {k: v for k, v in tensors.items() if k.startswith(_TOWER)}
   return tower, {k: "text tower / logit scale (not the image tower)" for k in tensors if not k.startswith(_TOWER)}
 
 
 def infer(tensors: dict) -> dict:
-  tensors, _ = scope(tensors)
+  tensors = {k.removeprefix(_TOWER): v for k, v in scope(tensors)[0].items()}
   if "conv1.weight" not in tensors or "positional_embedding" not in tensors:
     raise ValueError("not a CLIP image tower: no conv1.weight / positional_embedding")
   width, _, patch, _ = tensors["conv1.weight"].shape
@@ -46,7 +46,7 @@ FORMAT = Format(
     name="clip",
     description="OpenAI CLIP (`ViT-B-16.pt`, TorchScript) and open_clip image towers (`visual.*`)",
     scope=scope,
-    renames=((r"^conv1\.", "backbone.patch_embed."), (r"^class_embedding$", "backbone.cls_token"),
+    renames=((r"^visual\.", ""), (r"^conv1\.", "backbone.patch_embed."), (r"^class_embedding$", "backbone.cls_token"),
              (r"^positional_embedding$", "backbone.pos_embed"), (r"^ln_pre\.", "backbone.norm_pre."),
              (r"^ln_post\.", "backbone.norm."), (r"^proj$", "backbone.proj.kernel"),
              (r"^transformer\.resblocks\.(\d+)\.", r"backbone.blocks.\1."), (r"\.ln_1\.", ".norm1."),

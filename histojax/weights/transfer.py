@@ -102,6 +102,7 @@ class WeightMismatchError(ValueError):
 @dataclasses.dataclass
 class Imported:
   values: dict[str, np.ndarray]  # "backbone.layer1.0.conv1.kernel" -> array, in the model's dtype
+  sources: dict[str, str]  # variable key -> the published key it came from
   ignored: dict[str, str]  # published key -> why it was not imported
   left_at_init: list[str]  # model variables allowed to keep their fresh init
 
@@ -144,7 +145,7 @@ def import_tensors(model: nnx.Module, tensors: dict[str, np.ndarray], fmt: Forma
   """Maps `tensors` onto `model`'s backbone (a real or `nnx.eval_shape` model)."""
   shapes = model_variables(model)
   tensors, ignored = fmt.select(tensors)
-  values, unexpected, misshaped, misshaped_targets = {}, [], [], set()
+  values, sources, unexpected, misshaped, misshaped_targets = {}, {}, [], [], set()
   for key in sorted(tensors):
     reason = fmt.ignored(key)
     if reason:
@@ -163,10 +164,11 @@ def import_tensors(model: nnx.Module, tensors: dict[str, np.ndarray], fmt: Forma
       misshaped.append(f"{key} {tuple(tensors[key].shape)} -> {target} needs {tuple(shapes[target].shape)}{hint}")
       misshaped_targets.add(target)
       continue
-    values[target] = value.astype(shapes[target].dtype)
+    values[target] = value.astype(shapes[target].dtype, copy=False)
+    sources[target] = key
   allowed = tuple(IMPORTED_SCOPE + p.removeprefix(IMPORTED_SCOPE) for p in allow_missing)
   absent = [k for k in shapes if k.startswith(IMPORTED_SCOPE) and k not in values and k not in misshaped_targets]
   missing = [k for k in absent if not k.startswith(allowed)] if allowed else absent
   if missing or unexpected or misshaped:
     raise WeightMismatchError(f"{source} ({fmt.name} format)", missing, unexpected, misshaped)
-  return Imported(values, ignored, sorted(set(absent) - set(missing)))
+  return Imported(values, sources, ignored, sorted(set(absent) - set(missing)))
