@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import models
 from histojax.config import base_config
@@ -207,9 +208,12 @@ def test_cgd_head_refuses_a_vit():
     nnx.eval_shape(lambda m: m(jnp.zeros((1, 32, 32, 3), jnp.uint8)), models.abstract_model(cfg))
 
 
-def test_base_config_picks_head_and_locks_its_fields():
+def test_base_config_picks_head_and_locks_its_fields(tmp_path):
   config = base_config(model="resnet", head="cgd")
   assert config.model.head.descriptors == "SMG"
+  config.model.head.descriptors = "GM"
+  config_lib.save(config, tmp_path / "config.json")  # what evaluate reads back
+  assert config_lib.load(tmp_path / "config.json").to_dict() == config.to_dict()
   with pytest.raises(AttributeError, match="num_clases"):
     config.model.head.num_clases = 3
   with pytest.raises(ValueError, match="model 'abe' has its own head"):
