@@ -88,6 +88,25 @@ def tiny_config(name, head=None, dtype="float32", depth=None):
   return cfg
 
 
+def random_values(abstract_module, seed=0):
+  """A module with numpy-random values in place of its initialisers' (scaled by fan-in,
+  positive norm scales and variances). JAX's per-shape RNG compilation would dominate
+  these small CPU tests; the real initialisers run in test_forward_gives_unit_embeddings."""
+  graphdef, state = nnx.split(abstract_module)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    if str(path[-1]) in ("var", "scale", "gamma"):
+      return rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)
+    fan_in = int(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 100
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+def random_model(cfg, seed=0):
+  return random_values(models.abstract_model(cfg), seed)
+
+
 def _images(n, size, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)), jnp.uint8)
 
@@ -122,7 +141,7 @@ def test_forward_gives_unit_embeddings_in_bf16(name):
 
 def test_abe_exposes_unit_learners_whose_concatenation_is_the_embedding():
   cfg = tiny_config("abe", depth=18)
-  model = models.build_model(cfg)
+  model = random_model(cfg)
   out = _jit_outputs(model, jnp.full((2, 64, 64, 3), 128, jnp.uint8).at[1].set(7))
   learners = np.asarray(out["learners"])
   assert learners.shape == (2, cfg.num_learners, cfg.embed_dim // cfg.num_learners)
@@ -136,7 +155,7 @@ def test_abe_exposes_unit_learners_whose_concatenation_is_the_embedding():
 def test_cgd_head_descriptors_and_aux_logits():
   cfg = tiny_config("resnet", head="cgd", depth=18)
   cfg.embed_dim, cfg.head.descriptors, cfg.head.num_classes, cfg.last_stride = 12, "GS", 5, 1
-  model = models.build_model(cfg)
+  model = random_model(cfg)
   out = _jit_outputs(model, jnp.zeros((2, 64, 64, 3), jnp.uint8).at[0].set(200))
   assert out["aux_logits"].shape == (2, 5)
   assert [d.shape for d in out["descriptors"]] == [(2, 6), (2, 6)]
@@ -146,7 +165,8 @@ def test_cgd_head_descriptors_and_aux_logits():
 
 
 def test_cgd_learnable_gem_p_receives_a_gradient():
-  head = heads.CGDHead(8, 6, descriptors="GM", gem_learnable=True, rngs=nnx.Rngs(0))
+  head = random_values(nnx.eval_shape(lambda: heads.CGDHead(8, 6, descriptors="GM", gem_learnable=True,
+                                                           rngs=nnx.Rngs(0))))
   fmap = jax.random.uniform(jax.random.key(0), (2, 3, 3, 8))
   grads = nnx.grad(lambda h: jnp.sum(h(fmap)[:, 0]))(head)
   assert float(jnp.abs(grads.gem_p[...])) > 0
@@ -163,7 +183,7 @@ def test_byol_head_outputs_and_target_projection():
   cfg = tiny_config("resnet", head="byol", depth=18)
   cfg.embed_dim = 0
   cfg.head.update(projector_hidden=32, projector_dim=8, predictor_hidden=16, probe_classes=3)
-  model = models.build_model(cfg)
+  model = random_model(cfg)
   out = _jit_outputs(model, jnp.zeros((2, 64, 64, 3), jnp.uint8))
   assert out["projection"].shape == out["prediction"].shape == (2, 8)
   assert out["probe_logits"].shape == (2, 3)
@@ -173,7 +193,7 @@ def test_byol_head_outputs_and_target_projection():
 
 def test_vit_accepts_other_input_sizes_by_resampling_positions():
   cfg = tiny_config("vit_b16")  # native 32 px = 2x2 patches of 16
-  model = models.build_model(cfg)
+  model = random_model(cfg)
   emb = model(_images(1, 64)[:, :, :48])
   assert emb.shape == (1, 32) and np.all(np.isfinite(np.asarray(emb)))
   with pytest.raises(ValueError, match="not a multiple of model.patch"):
@@ -227,7 +247,7 @@ def test_batch_norm_uses_global_batch_statistics(devices):
   images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
 
   def run(devs):
-    model = models.build_model(cfg)
+    model = random_model(cfg)
     model.train()
     mesh = mesh_lib.make_mesh(base_config().mesh, devs)
     graphdef, state = nnx.split(model)

@@ -86,7 +86,8 @@ def apply(model_state: nnx.State, directory: epath.PathLike) -> nnx.State:
     key = key_of(path)
     if key in values:
       old = var.get_value()
-      var = var.replace(jax.device_put(values[key].astype(old.dtype), old.sharding))
+      value = values[key].astype(old.dtype)
+      var = var.replace(jax.device_put(value, old.sharding) if hasattr(old, "sharding") else jax.device_put(value))
     updated.append((path, var))
   return nnx.from_flat_state(updated)
 
