@@ -221,6 +221,13 @@ def test_bad_model_config_names_the_field(name, head, field, value, match):
     models.abstract_model(cfg)
 
 
+def test_switching_head_name_alone_is_refused():
+  cfg = tiny_config("resnet")
+  cfg.head.name = "cgd"
+  with pytest.raises(ValueError, match=r"head 'cgd' takes .*base_config\(model='resnet', head='cgd'\)"):
+    models.abstract_model(cfg)
+
+
 def test_cgd_head_refuses_a_vit():
   cfg = tiny_config("vit_b16", head="cgd")
   cfg.embed_dim = 6

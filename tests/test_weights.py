@@ -184,14 +184,17 @@ def test_mismatches_are_listed_together():
   tensors = _random(published.torchvision_resnet(18, base=8, classes=3))
   del tensors["layer2.1.bn2.running_var"]
   tensors["layer5.0.conv1.weight"] = np.zeros((8, 8, 3, 3), np.float32)
+  tensors["layer4.2.conv1.weight"] = np.zeros((64, 64, 3, 3), np.float32)  # ResNet-18 has 2 blocks there
   tensors["layer3.0.conv1.weight"] = np.zeros((32, 16, 5, 5), np.float32)
+  cfg = models.model_config("resnet")
+  cfg.depth, cfg.width = 18, 8 / 64
   with pytest.raises(weights.WeightMismatchError) as err:
-    _import("torchvision_resnet", tensors, model="resnet", source="r18.pth")
+    weights.import_tensors(models.abstract_model(cfg), tensors, weights.FORMATS["torchvision_resnet"], source="r18.pth")
   e = err.value
   assert e.missing == ["backbone.layer2.1.bn2.var"]
-  assert e.unexpected == ["layer5.0.conv1.weight"]
+  assert e.unexpected == ["layer4.2.conv1.weight", "layer5.0.conv1.weight"]
   assert len(e.misshaped) == 1 and "layer3.0.conv1.weight (32, 16, 5, 5)" in e.misshaped[0]
-  assert "r18.pth (torchvision_resnet format): 1 missing, 1 unexpected, 1 mis-shaped" in str(e)
+  assert "r18.pth (torchvision_resnet format): 1 missing, 2 unexpected, 1 mis-shaped" in str(e)
 
 
 def test_trunk_weights_into_an_attention_model_need_explicit_permission():

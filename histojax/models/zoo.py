@@ -38,7 +38,17 @@ def _config(head: str | None = "linear", **fields) -> ml_collections.ConfigDict:
   return cfg
 
 
+def _check_head_fields(cfg) -> None:
+  # `--config.model.head.name=cgd` alone would leave the linear head's fields behind.
+  expected = set(HEADS.defaults(cfg.head.name).keys())
+  if set(cfg.head.keys()) != expected:
+    raise ValueError(f"model.head has fields {sorted(cfg.head.keys())} but head {cfg.head.name!r} takes "
+                     f"{sorted(expected)}: choose the head when building the config, "
+                     f"base_config(model={cfg.name!r}, head={cfg.head.name!r})")
+
+
 def _embedder(cfg, backbone, rngs) -> Embedder:
+  _check_head_fields(cfg)
   dtype = compute_dtype(cfg)
   head = HEADS.get(cfg.head.name)(cfg, backbone.num_features, dtype, rngs)
   return Embedder(backbone, head, dtype=dtype, input_norm=cfg.input_norm)

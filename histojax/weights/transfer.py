@@ -120,7 +120,10 @@ def model_variables(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
 def _module_at(model, path: str):
   node = model
   for part in path.split("."):
-    node = node[int(part)] if isinstance(node, nnx.List) and part.isdigit() else getattr(node, part, None)
+    if isinstance(node, nnx.List):
+      node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+    else:
+      node = getattr(node, part, None)
     if node is None:
       return None
   return node
