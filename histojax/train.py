@@ -59,6 +59,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   elif config.init_from:
     state = weights.init_train_state(state, config.init_from)
     monitor_lib.info("initialised the backbone from %s", config.init_from)
+    if config.total_steps == 0:  # evaluation only: keep the state where `histojax.evaluate` looks
+      checkpoint.save(mngr, 0, state, data_iter.get_state(), force=True)
 
   if start >= config.total_steps:
     mngr.close()

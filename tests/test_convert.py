@@ -1,6 +1,7 @@
 """`python -m histojax.convert` and `config.init_from`: the published-weights path end to end."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from histojax import checkpoint, convert, models, train, weights
+from histojax import checkpoint, convert, evaluate, models, train, weights
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
@@ -79,6 +80,9 @@ def test_zero_steps_evaluates_the_imported_weights(tmp_path, tiny_data_dir):
   config.total_steps = 0
   results = train.train_and_evaluate(config, tmp_path / "work")
   assert results["step"] == 0 and 0.0 <= results["precision@5"] <= 1.0
+  # The evaluate CLI's path (restore the workdir's checkpoint) sees the same model.
+  shutil.rmtree(tmp_path / "work" / "export")  # recomputed from the restored state
+  assert evaluate.evaluate(config, tmp_path / "work") == results
 
 
 def test_init_from_that_does_not_fit_lists_the_keys(tmp_path, tiny_data_dir):
