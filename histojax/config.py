@@ -16,11 +16,16 @@ from histojax import models, objectives, optim
 from histojax.data import colour
 
 
-def base_config(model: str = "resnet", objective: str = "multi_similarity") -> ml_collections.ConfigDict:
+def base_config(model: str = "resnet", objective: str = "multi_similarity",
+                head: str | None = None) -> ml_collections.ConfigDict:
+  """The locked tree for `model` (with `head`, default the model's own) and `objective`."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 1000
+  c.total_steps = 1000  # 0 with init_from: evaluate the imported weights without training
   c.log_every = 10
+  # Weights to start from when the workdir has no checkpoint yet: a folder
+  # written by `python -m histojax.convert` (published backbones).
+  c.init_from = ""
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic_tissue"  # TFDS name, optionally "name/builder_config"
@@ -49,7 +54,7 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity") -> m
   # Device-side colour per view (view2 is used by two-view objectives only).
   c.augment = ml_collections.ConfigDict(dict(view1=colour.view_defaults(), view2=colour.view_defaults()))
 
-  c.model = models.MODELS.defaults(model)
+  c.model = models.model_config(model, head)
   c.objective = objectives.OBJECTIVES.defaults(objective)
 
   c.optimizer = ml_collections.ConfigDict()
@@ -99,8 +104,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if inp.sampler == "m_per_class" and inp.batch_size % inp.m_per_class:
     raise ValueError(
         f"input.batch_size ({inp.batch_size}) must be a multiple of input.m_per_class ({inp.m_per_class})")
-  if config.total_steps <= 0:
-    raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+  if config.total_steps < 0 or (config.total_steps == 0 and not config.init_from):
+    raise ValueError(f"total_steps must be positive (or 0 with init_from, to evaluate imported weights), "
+                     f"got {config.total_steps}")
   if config.optimizer.name not in optim.NAMES:
     raise ValueError(f"optimizer.name must be one of {optim.NAMES}, got {config.optimizer.name!r}")
   models.MODELS.get(config.model.name)
@@ -114,7 +120,8 @@ def save(config: ml_collections.ConfigDict, path: epath.PathLike) -> None:
 def load(path: epath.PathLike) -> ml_collections.ConfigDict:
   """Reads a config written by `save` and relocks it against the schema."""
   raw = json.loads(epath.Path(path).read_text())
-  config = base_config(raw["model"]["name"], raw["objective"]["name"])
+  head = raw["model"].get("head", {}).get("name")
+  config = base_config(raw["model"]["name"], raw["objective"]["name"], head)
   config.update_from_flattened_dict(_flatten(raw))
   return config
 

@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, evaluate
+from histojax import checkpoint, evaluate, weights
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import monitor as monitor_lib
@@ -50,13 +50,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   data_iter = iter(pipeline.train_dataset(source, labels, config.input, config.seed,
                                           jax.process_index(), jax.process_count(), views))
 
-  # --- State: checkpoint in workdir, else fresh ------------------------------
+  # --- State: checkpoint in workdir, else config.init_from, else fresh --------
   mngr = checkpoint.manager(workdir, config.checkpoint)
   start = mngr.latest_step() or 0
   if mngr.latest_step() is not None:
     state, data_state = checkpoint.restore(mngr, start, state)
     data_iter.set_state(data_state)
     monitor_lib.info("resumed from %s at step %d", workdir / "checkpoints", start)
+  elif config.init_from:
+    state = weights.init_train_state(state, config.init_from)
+    monitor_lib.info("initialised the backbone from %s", config.init_from)
+    if config.total_steps == 0:  # evaluation only: keep the state where `histojax.evaluate` looks
+      checkpoint.save(mngr, 0, state, data_iter.get_state(), force=True)
 
   if start >= config.total_steps:
     mngr.close()

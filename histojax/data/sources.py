@@ -14,19 +14,29 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import tfds_builders  # noqa: F401  (registers our builders with TFDS)
+from tfds_builders.common import TiledBuilder
 
 
-def builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
-  return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+def builder(name: str, data_dir: str = "", **builder_kwargs) -> tfds.core.DatasetBuilder:
+  return tfds.builder(name, data_dir=data_dir or None, file_format="array_record", **builder_kwargs)
 
 
-def prepare(name: str, data_dir: str = "", manual_dir: str = "") -> dict[str, Any]:
+def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: bool = False,
+            workers: int | None = None) -> dict[str, Any]:
   """Builds the dataset if needed and returns a summary of what is on disk.
 
   TFDS writes into an `incomplete.*` folder and renames it only once every
   split is written, so an interrupted build never reads as prepared.
+  `skip_corrupt` and `workers` (processes) apply to the archive-reading
+  builders (`tfds_builders.common.TiledBuilder`).
   """
-  b = builder(name, data_dir)
+  kwargs = {}
+  if skip_corrupt or workers is not None:
+    cls = tfds.builder_cls(name.split("/")[0])
+    if not issubclass(cls, TiledBuilder):
+      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt and workers do not apply")
+    kwargs = {"skip_corrupt": skip_corrupt, "workers": workers}
+  b = builder(name, data_dir, **kwargs)
   start = time.perf_counter()
   if not b.is_prepared():
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
@@ -36,6 +46,7 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "") -> dict[str, An
 def summary(b: tfds.core.DatasetBuilder, seconds: float = 0.0) -> dict[str, Any]:
   """Examples, bytes and per-class counts of every split of a built dataset."""
   names = b.info.features["label"].names
+  built = (b.info.metadata or {}).get("splits", {})  # written by archive-reading builders
   splits = {}
   for split_name, split in b.info.splits.items():
     counts = collections.Counter(read_metadata(_data_source(b, split_name))["label"].tolist())
@@ -43,6 +54,9 @@ def summary(b: tfds.core.DatasetBuilder, seconds: float = 0.0) -> dict[str, Any]
         "examples": split.num_examples,
         "bytes": split.num_bytes,
         "per_class": {names[i]: counts.get(i, 0) for i in range(len(names))},
+        **{k: built[split_name][k] for k in ("source_images", "images_without_tiles", "tiles_dropped",
+                                             "corrupt_skipped")
+           if k in built.get(split_name, {})},
     }
   name = f"{b.name}/{b.builder_config.name}" if b.builder_config else b.name
   return {"dataset": name, "version": str(b.info.version), "data_dir": str(b.data_dir),
@@ -56,13 +70,27 @@ def open_split(name: str, split: str, data_dir: str = ""):
     raise FileNotFoundError(
         f"dataset {name!r} is not prepared under {b.data_dir_root}; run "
         f"`python -m histojax.prepare --dataset {name}` first")
-  if split not in b.info.splits:
-    raise KeyError(f"dataset {name!r} has no split {split!r}; it has {sorted(b.info.splits)}")
+  for part in split.split("+"):  # TFDS split arithmetic: "fold1+fold2", "train[:10%]"
+    if part.split("[")[0].strip() not in b.info.splits:
+      raise KeyError(f"dataset {name!r} has no split {part!r}; it has {sorted(b.info.splits)}")
   return _data_source(b, split)
 
 
 def _data_source(b: tfds.core.DatasetBuilder, split: str):
   return b.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def read_pairs(name: str, data_dir: str = "") -> dict[str, list]:
+  """Query pairs of a pair-task dataset (pair_query), keyed by source id.
+
+  {"query": [[a, b], ...], "validation": [[a, b, same], ...]} (validation only
+  where the archive gives answers).
+  """
+  b = builder(name, data_dir)
+  pairs = (b.info.metadata or {}).get("pairs") if b.is_prepared() else None
+  if pairs is None:
+    raise KeyError(f"dataset {name!r} under {b.data_dir_root} holds no query pairs (is it prepared?)")
+  return pairs
 
 
 def class_names(name: str, data_dir: str = "") -> list[str]:

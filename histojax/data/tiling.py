@@ -52,9 +52,12 @@ def resize(image: np.ndarray, factor: float) -> np.ndarray:
 
 def saturation(image: np.ndarray) -> np.ndarray:
   """HSV saturation in [0, 1] of a uint8 RGB image."""
-  rgb = image.astype(np.float32)
-  high, low = rgb.max(-1), rgb.min(-1)
-  return np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
+  # Elementwise max/min over the three uint8 planes: a numpy reduction over a
+  # length-3 last axis is several times slower on a 2048x1536 photo.
+  r, g, b = image[..., 0], image[..., 1], image[..., 2]
+  high = np.maximum(np.maximum(r, g), b).astype(np.float32)
+  low = np.minimum(np.minimum(r, g), b).astype(np.float32)
+  return np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0).astype(np.float32)
 
 
 def otsu_threshold(values: np.ndarray) -> float:

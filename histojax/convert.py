@@ -1,0 +1,101 @@
+"""Convert published weights into histojax's layout, for `config.init_from`.
+
+    python -m histojax.convert --format clip --input ViT-B-16.pt --output /data/weights/clip_b16
+    python -m histojax.convert --format timm_vit --input uni/pytorch_model.bin --output /data/weights/uni
+    python -m histojax.convert --format torchvision_resnet --input resnet50-11ad3fa6.pth --output DIR
+    python -m histojax.convert --format torchvision_resnet --input seresnet50.safetensors \\
+        --model mixed_attention --allow_missing mask_ --output DIR
+
+Reads `.safetensors`, `.npz` and PyTorch `.pt/.pth/.bin` files (zip, legacy
+and TorchScript; no torch needed), infers the architecture from the tensor
+shapes, maps every tensor onto that histojax backbone (or onto `--model`'s,
+e.g. a trunk for the attention models), and writes an Orbax folder. Any
+missing, unexpected or mis-shaped key stops the conversion with all of them
+listed. Then train or evaluate with `--config.init_from=DIR` and a model
+config with the printed fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from absl import app, flags
+
+from histojax import models, weights
+from histojax.weights import store
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def target_config(fmt: weights.Format, tensors: dict, model: str = ""):
+  """The model config the checkpoint is checked against: `model` (default: the
+  inferred family) with every architecture field read off the shapes."""
+  fields = fmt.infer(tensors)
+  cfg = models.model_config(model or fields["name"])
+  for name, value in fields.items():
+    if name != "name" and name in cfg:
+      cfg[name] = type(cfg[name])(value)
+  return cfg, fields
+
+
+def convert(format_name: str, input_path: str, output: str, *, model: str = "", key: str = "", prefix: str = "",
+            allow_missing: tuple[str, ...] = ()) -> dict:
+  """Writes `output` (weights + manifest) and returns the manifest."""
+  if format_name not in weights.FORMATS:
+    raise ValueError(f"--format must be one of {sorted(weights.FORMATS)}, got {format_name!r}")
+  fmt = weights.FORMATS[format_name]
+  tensors = weights.read_state_dict(input_path, key=key, prefix=prefix)
+  cfg, fields = target_config(fmt, tensors, model)
+  abstract = models.abstract_model(cfg)
+  imported = weights.import_tensors(abstract, tensors, fmt, source=input_path, allow_missing=allow_missing)
+  manifest = {
+      "format": fmt.name, "source": os.path.abspath(input_path), "source_sha256": _sha256(input_path),
+      "model": cfg.to_dict(), "inferred": fields, "sources": imported.sources, "ignored": imported.ignored,
+      "left_at_init": imported.left_at_init, "backbone_parameters": models.parameter_count(abstract.backbone),
+  }
+  return store.save(output, imported.values, manifest)
+
+
+def summary(manifest: dict, output: str) -> str:
+  model = manifest["model"]
+  fields = ", ".join(f"{k}={model[k]!r}" for k in manifest["inferred"] if k != "name")
+  lines = [f"converted {manifest['source']} ({manifest['format']}): {len(manifest['variables'])} variables, "
+           f"{manifest['backbone_parameters']:,} backbone parameters -> {output}",
+           f"model: {model['name']} with {fields}"]
+  if manifest["ignored"]:
+    reasons = sorted(set(manifest["ignored"].values()))
+    lines.append(f"not imported: {len(manifest['ignored'])} tensors ({'; '.join(reasons)})")
+  if manifest["left_at_init"]:
+    lines.append(f"left at their fresh init: {len(manifest['left_at_init'])} variables "
+                 f"(e.g. {manifest['left_at_init'][0]})")
+  lines.append(f"use: base_config(model={model['name']!r}) with those fields and --config.init_from={output}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  FLAGS = flags.FLAGS
+  allow = tuple(p for p in FLAGS.allow_missing.split(",") if p)
+  manifest = convert(FLAGS.format, FLAGS.input, FLAGS.output, model=FLAGS.model, key=FLAGS.key,
+                     prefix=FLAGS.prefix, allow_missing=allow)
+  print(summary(manifest, FLAGS.output))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_enum("format", None, sorted(weights.FORMATS), "Published layout of --input.", required=True)
+  flags.DEFINE_string("input", None, "Checkpoint file: .safetensors, .npz, .pt/.pth/.bin.", required=True)
+  flags.DEFINE_string("output", None, "New folder for the converted weights.", required=True)
+  flags.DEFINE_string("model", "", "Registered model to load into; default inferred from the shapes.")
+  flags.DEFINE_string("key", "", "Dotted path to the weights inside a wrapping checkpoint dict.")
+  flags.DEFINE_string("prefix", "", "Keep only tensors whose names start with this, stripped (e.g. 'backbone.').")
+  flags.DEFINE_string("allow_missing", "", "Comma-separated backbone variable prefixes that may stay freshly "
+                      "initialised (e.g. 'mask_' for mixed_attention from SE-ResNet weights).")
+  app.run(main)

@@ -1,0 +1,162 @@
+"""bach from a tiny archive in the official layout, and the behaviour every
+archive builder shares: manual_dir errors, corrupt images, interrupted builds,
+process-parallel preparation, the prepare CLI."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from histojax.data import sources
+from tests.archive_fixtures import BACH_CONFIG, BACH_FILES, bach_archive, build, metadata
+from tfds_builders import common
+from tfds_builders.bach.bach_dataset_builder import CLASS_NAMES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bach_archive_builds_and_reads_back(tmp_path):
+  bach_archive(tmp_path / "raw")
+  ds, b = build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "data")
+  # 5 photos per class split 3/1/1; each 64x96 photo gives 4 tissue tiles and 2 of glass.
+  assert {k: len(v) for k, v in ds.items()} == {"train": 48, "validation": 16, "test": 16}
+  meta = metadata(ds)
+  for split, photos in (("train", 3), ("validation", 1), ("test", 1)):
+    assert np.bincount(meta[split]["label"], minlength=4).tolist() == [4 * photos] * 4
+    ids = set(meta[split]["source_id"])
+    assert len(ids) == 4 * photos
+    for source_id, label in zip(meta[split]["source_id"], meta[split]["label"]):
+      assert source_id.startswith(BACH_FILES[CLASS_NAMES[label]][0])  # n001 is Normal, iv004 Invasive...
+    assert {tuple(c) for c in meta[split]["coords"]} == {(0, 0), (0, 32), (32, 0), (32, 32)}
+  splits = [set(m["source_id"]) for m in meta.values()]
+  assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+  # The split is the shared per-photo helper's, reproducible from ids and labels alone.
+  labels = {sid: int(lab) for m in meta.values() for sid, lab in zip(m["source_id"], m["label"])}
+  expected = common.stratified_split(labels, BACH_CONFIG.split_fractions, BACH_CONFIG.split_seed)
+  assert all(expected[sid] == split for split, m in meta.items() for sid in m["source_id"])
+  example = ds["test"][0]
+  assert example["image"].shape == (32, 32, 3) and example["original_split"] == b"train"
+  built = b.info.metadata["splits"]
+  assert built["train"] == {"source_images": 12, "tiles_kept": 48, "tiles_dropped": 24, "images_without_tiles": 0,
+                            "corrupt_skipped": []}
+  assert b.info.features["label"].names == list(CLASS_NAMES)
+
+
+def test_csv_with_header_and_wrong_folder(tmp_path):
+  photos = bach_archive(tmp_path / "raw", per_class=5, header=True)
+  ds, _ = build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "data")
+  assert len(ds["train"]) == 48
+  csv = photos / "microscopy_ground_truth.csv"
+  csv.write_text(csv.read_text().replace("b002.tif,Benign", "b002.tif,InSitu"))
+  with pytest.raises(common.ManualDirError, match=r"Benign/b002.tiff lies in folder Benign but .* labels it InSitu"):
+    build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "data2")
+
+
+def test_missing_or_empty_manual_dir_says_what_to_download(tmp_path):
+  (tmp_path / "empty").mkdir()
+  for manual_dir in (tmp_path / "absent", tmp_path / "empty"):
+    with pytest.raises(common.ManualDirError) as e:
+      build("bach", BACH_CONFIG, manual_dir, tmp_path / "data")
+    message = str(e.value)
+    assert "is missing or empty" in message and str(manual_dir) in message
+    assert "zenodo.org/records/3632035" in message and "microscopy_ground_truth.csv" in message
+  (tmp_path / "wrong" / "stuff").mkdir(parents=True)
+  with pytest.raises(common.ManualDirError, match="no microscopy_ground_truth.csv"):
+    build("bach", BACH_CONFIG, tmp_path / "wrong", tmp_path / "data")
+
+
+def _version_dirs(data_dir):
+  root = data_dir / "bach" / BACH_CONFIG.name
+  return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_corrupt_image_stops_before_anything_is_complete_unless_skipped(tmp_path):
+  photos = bach_archive(tmp_path / "raw")
+  bad = photos / "Benign" / "b003.tiff"
+  bad.write_bytes(bad.read_bytes()[:200])  # truncated, as a broken download is
+  with pytest.raises(common.CorruptImageError, match="b003.tiff"):
+    build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "data")
+  assert _version_dirs(tmp_path / "data") == []  # no 1.0.0, no incomplete.* left behind
+  assert not tfds.builder("bach", config=BACH_CONFIG, data_dir=str(tmp_path / "data")).is_prepared()
+
+  ds, b = build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "data", skip_corrupt=True)
+  assert sum(len(v) for v in ds.values()) == 19 * 4
+  skipped = [p for s in b.info.metadata["splits"].values() for p in s["corrupt_skipped"]]
+  assert skipped == [str(bad)]
+  assert "b003" not in {sid for m in metadata(ds).values() for sid in m["source_id"]}
+
+
+def test_interrupted_build_never_reads_as_prepared(tmp_path, monkeypatch):
+  bach_archive(tmp_path / "raw")
+  real, calls = common.prepare_source, []
+
+  def interrupted(source, spec):
+    calls.append(source)
+    if len(calls) == 7:
+      raise KeyboardInterrupt  # Ctrl-C halfway through the train split
+    return real(source, spec)
+
+  monkeypatch.setattr(common, "prepare_source", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "data")
+  assert _version_dirs(tmp_path / "data") == []
+  # A hard kill leaves its incomplete.* folder behind: it must not read as prepared either.
+  (tmp_path / "data" / "bach" / BACH_CONFIG.name / "incomplete.X1_1.0.0").mkdir(parents=True)
+  assert not tfds.builder("bach", config=BACH_CONFIG, data_dir=str(tmp_path / "data")).is_prepared()
+  monkeypatch.setattr(common, "prepare_source", real)
+  ds, _ = build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "data")
+  assert len(ds["train"]) == 48
+
+
+def test_worker_processes_give_the_same_dataset(tmp_path):
+  bach_archive(tmp_path / "raw")
+  one, _ = build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "serial", workers=0)
+  two, _ = build("bach", BACH_CONFIG, tmp_path / "raw", tmp_path / "parallel", workers=2)
+  for split in one:
+    a, b = one[split], two[split]
+    assert len(a) == len(b)
+    for i in range(len(a)):
+      x, y = a[i], b[i]
+      assert x["source_id"] == y["source_id"] and (x["coords"] == y["coords"]).all()
+      np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_ordered_map_keeps_order_across_processes():
+  assert list(common.ordered_map(abs, [-3, 1, -2, 5, -8, 0, 4], workers=2)) == [3, 1, 2, 5, 8, 0, 4]
+
+
+def test_stratified_split_is_exact_and_stable():
+  labels = {f"c{c}_{i:02d}": c for c in range(3) for i in range(10)}
+  fractions = (("train", 0.7), ("validation", 0.1), ("test", 0.2))
+  split = common.stratified_split(labels, fractions, seed=0)
+  for c in range(3):
+    counts = [sum(1 for k, s in split.items() if labels[k] == c and s == name) for name, _ in fractions]
+    assert counts == [7, 1, 2]
+  assert split == common.stratified_split(dict(reversed(list(labels.items()))), fractions, seed=0)
+  assert split != common.stratified_split(labels, fractions, seed=1)
+  with pytest.raises(ValueError, match="summing to 1"):
+    common.stratified_split(labels, (("train", 0.7), ("test", 0.2)), seed=0)
+
+
+def _prepare_cli(*args):
+  return subprocess.run([sys.executable, "-m", "histojax.prepare", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_prepare_cli_summary_and_errors(tmp_path):
+  photos = bach_archive(tmp_path / "raw")
+  (photos / "InSitu" / "is002.jpg").write_bytes(b"not a jpeg")
+  run = _prepare_cli("--dataset", "bach", "--config", "x10_256", "--manual_dir", str(tmp_path / "absent"),
+                     "--data_dir", str(tmp_path / "data"))
+  assert run.returncode == 1 and "is missing or empty" in run.stderr and "Traceback" not in run.stderr
+  run = _prepare_cli("--dataset", "bach", "--manual_dir", str(tmp_path / "raw"), "--data_dir", str(tmp_path / "data"))
+  assert run.returncode == 1 and "is002.jpg" in run.stderr and "--skip_corrupt" in run.stderr
+  # 64x96 photos are smaller than one 224 px tile: each counts as one dropped tile, so
+  # the default config would build nothing; the pair task shows a real summary instead.
+  run = _prepare_cli("--dataset", "bach", "--skip_corrupt", "--workers", "2", "--manual_dir", str(tmp_path / "raw"),
+                     "--data_dir", str(tmp_path / "data"))
+  assert run.returncode == 1 and "has no examples" in run.stderr and "Traceback" not in run.stderr
+  assert not sources.builder("bach", str(tmp_path / "data")).is_prepared()

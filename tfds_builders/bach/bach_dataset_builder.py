@@ -1,0 +1,117 @@
+"""bach: ICIAR 2018 BACH microscopy photos (breast), four classes, tiled.
+
+400 H&E photos of 2048x1536 px (0.42 um/px), 100 per class, labelled in
+`microscopy_ground_truth.csv`. The public set has no official split and no
+patient ids, so photos are split deterministically, stratified by class, with
+the fractions in the builder config; every tile of a photo stays in its
+photo's split. The official files are `.tif`; `.tiff/.jpg/.jpeg/.png` copies
+are accepted and matched to the CSV by file stem.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from tfds_builders import common
+
+CLASS_NAMES = ("Normal", "Benign", "InSitu", "Invasive")
+GROUND_TRUTH = "microscopy_ground_truth.csv"
+
+
+@dataclasses.dataclass
+class BachConfig(common.SplitConfig):
+  pass
+
+
+class Builder(common.TiledBuilder):
+  """ICIAR 2018 BACH microscopy photos, tiled; split per photo, stratified by class."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  CLASS_NAMES = CLASS_NAMES
+  HOMEPAGE = "https://iciar2018-challenge.grand-challenge.org/Dataset/"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download ICIAR2018_BACH_Challenge.zip (the BACH training set) from
+  https://zenodo.org/records/3632035 (or the challenge site,
+  https://iciar2018-challenge.grand-challenge.org/Dataset/, after registering),
+  unzip it and pass the folder that holds it as manual_dir:
+    <manual_dir>/ICIAR2018_BACH_Challenge/Photos/microscopy_ground_truth.csv
+    <manual_dir>/ICIAR2018_BACH_Challenge/Photos/{Normal,Benign,InSitu,Invasive}/<id>.tif
+  (manual_dir may also be the Photos folder itself.)
+  """
+  # A fixed saturation threshold, not Otsu: a BACH photo is a field of view
+  # chosen on tissue, often with no glass at all, and Otsu then cuts the tissue
+  # itself in two (measured: Otsu ~0.3 while 85% of pixels have saturation > 0.1
+  # and glass stays below ~0.05).
+  BUILDER_CONFIGS = [
+      BachConfig(name="default", description="20x (0.42 um/px), 224 px tiles, tissue = saturation > 0.1 "
+                 "on half the tile; split 70/10/20 per photo.", tissue_threshold=0.1),
+      BachConfig(name="x10_256", description="10x (resized by 0.5), 256 px tiles, tissue = saturation > 0.1 "
+                 "on half the tile; split 70/10/20 per photo.", patch_size=256, resize=0.5, tissue_threshold=0.1),
+  ]
+
+  def _sources(self, manual_dir: epath.Path) -> list[common.SourceImage]:
+    photos = self._photos_dir(manual_dir)
+    labels = self._ground_truth(photos / GROUND_TRUTH)
+    files = self._files_by_stem(photos)
+    missing = sorted(set(labels) - set(files))
+    if missing:
+      raise self.layout_error(f"{len(missing)} photos listed in {photos / GROUND_TRUTH} have no image file "
+                              f"under {photos}/<Class>/: {missing[:5]}")
+    unlisted = sorted(set(files) - set(labels))
+    if unlisted:
+      raise self.layout_error(f"images not listed in {GROUND_TRUTH}, so their label is unknown: "
+                              f"{[str(files[s]) for s in unlisted[:5]]}")
+    for stem, path in files.items():
+      if path.parent.name != labels[stem]:
+        raise self.layout_error(f"{path} lies in folder {path.parent.name} but {GROUND_TRUTH} labels it "
+                                f"{labels[stem]}; fix the file or the CSV")
+    cfg = self.builder_config
+    splits = common.stratified_split({stem: CLASS_NAMES.index(labels[stem]) for stem in labels},
+                                     cfg.split_fractions, cfg.split_seed)
+    return [common.SourceImage(path=str(files[stem]), label=CLASS_NAMES.index(labels[stem]), source_id=stem,
+                               split=splits[stem], original_split="train")
+            for stem in sorted(labels)]
+
+  def _photos_dir(self, manual_dir: epath.Path) -> epath.Path:
+    for candidate in ("ICIAR2018_BACH_Challenge/Photos", "Photos", "."):
+      if (manual_dir / candidate / GROUND_TRUTH).exists():
+        return (manual_dir / candidate) if candidate != "." else manual_dir
+    raise self.layout_error(f"no {GROUND_TRUTH} in {manual_dir}, {manual_dir}/Photos or "
+                            f"{manual_dir}/ICIAR2018_BACH_Challenge/Photos.")
+
+  def _ground_truth(self, path: epath.Path) -> dict[str, str]:
+    """photo stem -> class name; the header row is optional (the official file has none)."""
+    labels = {}
+    with path.open() as f:
+      for line_no, row in enumerate(csv.reader(f), 1):
+        row = [cell.strip() for cell in row]
+        if not any(row):
+          continue
+        if len(row) < 2:
+          raise self.layout_error(f"{path} line {line_no}: expected 'filename,label', got {row}")
+        name, label = row[0], row[1]
+        if label not in CLASS_NAMES:
+          if line_no == 1:
+            continue  # a header such as "filename,label"
+          raise self.layout_error(f"{path} line {line_no}: label {label!r} is not one of {CLASS_NAMES}")
+        stem = epath.Path(name).stem
+        if labels.setdefault(stem, label) != label:
+          raise self.layout_error(f"{path} line {line_no}: {stem} is listed twice with different labels")
+    return labels
+
+  def _files_by_stem(self, photos: epath.Path) -> dict[str, epath.Path]:
+    files: dict[str, epath.Path] = {}
+    for class_name in CLASS_NAMES:
+      folder = photos / class_name
+      if not folder.is_dir():
+        raise self.layout_error(f"class folder {folder} is missing.")
+      for path in common.list_images(folder):
+        if path.stem in files:
+          raise self.layout_error(f"two images for one photo id {path.stem}: {files[path.stem]} and {path}")
+        files[path.stem] = path
+    return files
