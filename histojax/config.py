@@ -113,6 +113,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   objectives.OBJECTIVES.get(config.objective.name)
 
 
+CLASS_COUNT_FIELDS = ("num_classes", "probe_classes")  # in model.head; -1 means "the dataset's"
+
+
+def resolve_class_counts(config: ml_collections.ConfigDict, num_classes: int) -> None:
+  """Fills every model.head class count left at -1 with the dataset's number of classes."""
+  head = config.model.get("head")
+  for field in CLASS_COUNT_FIELDS:
+    if head is not None and field in head and head[field] == -1:
+      head[field] = num_classes
+
+
 def save(config: ml_collections.ConfigDict, path: epath.PathLike) -> None:
   epath.Path(path).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 

@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, evaluate, weights
+from histojax import checkpoint, evaluate
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import monitor as monitor_lib
@@ -36,11 +36,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   config_lib.validate(config)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.save(config, workdir / "config.json")
 
   # --- Data -----------------------------------------------------------------
   sources.ensure_prepared(config.dataset)
+  config_lib.resolve_class_counts(config, len(sources.class_names(config.dataset.name, config.dataset.data_dir)))
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir / "config.json")
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.local_batch_size(config.input.batch_size, mesh)
   source = sources.open_split(config.dataset.name, config.dataset.train_split, config.dataset.data_dir)
@@ -58,7 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     data_iter.set_state(data_state)
     monitor_lib.info("resumed from %s at step %d", workdir / "checkpoints", start)
   elif config.init_from:
-    state = weights.init_train_state(state, config.init_from)
+    state = trainer.objective.load_weights(state, config.init_from)
     monitor_lib.info("initialised the backbone from %s", config.init_from)
     if config.total_steps == 0:  # evaluation only: keep the state where `histojax.evaluate` looks
       checkpoint.save(mngr, 0, state, data_iter.get_state(), force=True)

@@ -10,6 +10,8 @@ An objective owns how one method trains and what it serves:
   diagnostics for the log;
 - `after_update(model, step)`: work after the optimizer step (BYOL's EMA);
 - `embed(model, images)`: the retrieval embedding used by export and search;
+- `encode(model, images)`: database codes for compressed search (SPQ), else None;
+- `load_weights(state, directory)`: `config.init_from` into the train state;
 - `views`: how many augmented views per example the input pipeline makes.
 """
 
@@ -45,6 +47,14 @@ class Objective:
 
   def embed(self, model, images):
     return model(images)
+
+  def encode(self, model, images):
+    del model, images
+    return None
+
+  def load_weights(self, state, directory):
+    from histojax import weights  # noqa: PLC0415  (import cost only when used)
+    return weights.init_train_state(state, directory)
 
   def augment(self, images, rng: jax.Array, view: int = 1):
     """Device-side colour augmentation of one view (identity when configured off)."""

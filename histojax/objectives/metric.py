@@ -163,3 +163,18 @@ class Contrastive(_SingleView):
 class Triplet(_SingleView):
   def embedding_loss(self, embeddings, labels):
     return batch_hard_triplet_loss(embeddings, labels, margin=self.cfg.margin)
+
+
+@OBJECTIVES.register("abe", defaults=lambda: ml_collections.ConfigDict(
+    dict(margin_c=0.5, lambda_div=0.05, margin_div=0.2)))
+class ABE(Objective):
+  """ABE-M: contrastive loss per learner + divergence; needs `model.name='abe'`."""
+
+  def loss(self, model, batch, rng):
+    outputs = model.outputs(self.augment(batch["image"], rng))
+    if "learners" not in outputs:
+      raise ValueError(f"objective 'abe' needs per-learner embeddings: set model.name='abe' "
+                       f"(got {self.config.model.name!r})")
+    c = self.cfg
+    return abe_loss(outputs["learners"], batch["label"], margin_c=c.margin_c, lambda_div=c.lambda_div,
+                    margin_div=c.margin_div)
