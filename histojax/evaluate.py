@@ -28,6 +28,7 @@ from histojax import step as step_lib
 from histojax.data import pipeline, sources
 
 GRID_ROWS = 12  # queries in the retrieval grid: every class in turn
+MAX_PAIR_ANCHORS = 20_000  # pairs per side for the c-index: plenty for 3 decimals, bounded memory
 
 
 def exclusion_keys(gallery: export.Export, query: export.Export, same_split: bool,
@@ -84,15 +85,20 @@ def build_or_reuse_index(config, workdir: epath.Path, gallery: export.Export, k:
   return idx, manifest
 
 
-def sample_pairs(anchor: export.Export, other: export.Export, rng: np.random.Generator, same_split: bool):
-  """For each anchor row, one same-class and one other-class partner drawn from `other`,
-  never from the anchor's own source image (nor the row itself): balanced pairs.
-  Returns (similarity, same); an anchor whose class offers no partner is left out."""
+def sample_pairs(anchor: export.Export, other: export.Export, rng: np.random.Generator, same_split: bool,
+                 max_anchors: int = MAX_PAIR_ANCHORS):
+  """For each anchor row (at most `max_anchors`, drawn at random), one same-class and one
+  other-class partner drawn from `other`, never from the anchor's own source image (nor
+  the row itself): balanced pairs. Returns (similarity, same); an anchor whose class
+  offers no partner is left out."""
+  chosen = np.arange(len(anchor.label))
+  if len(chosen) > max_anchors:
+    chosen = np.sort(rng.choice(len(chosen), max_anchors, replace=False))
   sims, same = [], []
   for want_same in (True, False):
     partner = np.full(len(anchor.label), -1)
-    for c in np.unique(anchor.label):
-      anchors = np.flatnonzero(anchor.label == c)
+    for c in np.unique(anchor.label[chosen]):
+      anchors = chosen[anchor.label[chosen] == c]
       pool = np.flatnonzero((other.label == c) == want_same)
       for _ in range(16 if len(pool) else 0):  # rejection rounds against own-source draws
         todo = anchors[partner[anchors] < 0]

@@ -1,17 +1,26 @@
 """Nearest-neighbour search over a gallery: ScaNN, exact numpy search, and ADC over PQ codes.
 
 Embeddings are L2-normalised and scored by dot product (cosine similarity).
-The ScaNN configuration is picked from the gallery size: brute force below
-`brute_force_below` (20k) rows, asymmetric hashing (AH) + exact re-ranking
-below `ah_below`, and a partitioning tree (about sqrt(n) leaves, a tenth
-searched) + AH + re-ranking above. ScaNN's guide suggests AH without a tree
-up to ~100k rows, but on clustered embeddings (what a trained model
-produces) AH alone quantises raw vectors too coarsely: at 90k rows in 64-d it
-reached recall@10 0.72 with 500 re-ranked and 0.92 with 1000, where tree +
-AH reached 0.993 at 4x the query rate; `bench/retrieval.py --modes ah,tree_ah`
-measures it again (README). So `ah_below` defaults to `brute_force_below`,
-i.e. no AH-only tier; 'ah' stays available by name and by threshold. Every
-knob is in `config.eval.index` (see `IndexConfig`).
+The ScaNN configuration is picked from the gallery size (`IndexConfig`, every
+knob in `config.eval.index`):
+- below `brute_force_below` (20k) rows: brute force, exact in float32;
+- above: a partitioning tree (about sqrt(n) leaves, a tenth searched) +
+  asymmetric hashing (AH: 16 centres per block of `dims_per_block` dims) +
+  exact re-ranking of max(250, 25 k) candidates.
+ScaNN's guide suggests AH without a tree up to ~100k rows; `ah_below` turns
+that tier on, but it is off by default because on clustered embeddings (what
+a trained model produces: a few large class clusters) AH alone lets too many
+near-equal candidates compete for the re-ranking slots: at 100k x 128 with
+24 clusters AH + reorder reached recall@10 0.82 at 7.9k queries/s where tree
++ AH reached 0.999 at 36k (bench/retrieval.py, README). AH's code length
+matters as much: with 2 dims per block a 32-d gallery gets 64-bit codes and
+recall@10 fell to 0.79 at 100k rows, with 1 dim per block 0.999; hence
+`dims_per_block` 0 -> 1 below 128 dims, else 2 (256+ bit codes).
+
+Queries are searched with `search_batched` (`search_batched_parallel` from
+512 queries); a k beyond the re-ranking depth widens the candidate pool.
+`exact_search` is the ground truth and the fallback (mode 'exact'); ties are
+broken by the lower gallery row so results are reproducible.
 
 A gallery exported as PQ codes (SPQ) is searched by asymmetric distance:
 mode 'adc' (which 'auto' picks when codes are given) keeps only the codes and

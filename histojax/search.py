@@ -30,6 +30,9 @@ import numpy as np
 import PIL.Image
 from etils import epath
 
+from histojax import index, metrics
+from histojax.data import augment, tiling
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -66,8 +69,6 @@ def read_image(path: str) -> np.ndarray:
 
 def tiling_config(manifest: dict, image_size: int, resize: float | None = None):
   """The gallery's tiling from the manifest; without one, tiles of the model input size."""
-  from histojax.data import tiling  # noqa: PLC0415
-
   fields = dict(manifest.get("tiling") or dict(patch_size=image_size, stride=image_size, min_tissue_fraction=0.0))
   if resize is not None:
     fields["resize"] = resize
@@ -81,7 +82,7 @@ def tiling_config(manifest: dict, image_size: int, resize: float | None = None):
 class Patches:
   images: np.ndarray  # [n, s, s, 3] uint8, model input size
   coords: list  # (y, x) of each tile in the (resized) image
-  tissue: list  # tissue fraction of each tile
+  tissue: list  # tissue fraction of each tile; None for an image taken whole (not filtered)
   dropped: int  # tiles dropped as background
 
 
@@ -91,15 +92,13 @@ def cut(image: np.ndarray, cfg, image_size: int) -> Patches:
   An image no larger than one patch (after resizing) is one patch, as the
   builder stores such tiles; smaller than the model input is an error.
   """
-  from histojax.data import augment, tiling  # noqa: PLC0415
-
   resized = tiling.resize(image, cfg.resize)
   h, w = resized.shape[:2]
   if h < image_size or w < image_size:
     raise ValueError(f"image of {w}x{h} px (after resize {cfg.resize}) is smaller than the model input "
                      f"{image_size}x{image_size}")
   if min(h, w) < cfg.patch_size or max(h, w) <= cfg.patch_size:  # not even one whole tile more
-    return Patches(augment.center_crop(resized, image_size)[None], [(0, 0)], [1.0], 0)
+    return Patches(augment.center_crop(resized, image_size)[None], [(0, 0)], [None], 0)  # not filtered
   tiles, dropped = tiling.tile_image(image, cfg)
   images = np.stack([augment.center_crop(t.image, image_size) for t in tiles]) if tiles else \
       np.zeros((0, image_size, image_size, 3), np.uint8)
@@ -112,6 +111,7 @@ class QueryModel:
   """A restored checkpoint that embeds uint8 patches, checked against an index manifest."""
 
   def __init__(self, workdir: epath.PathLike, step: int | None = None):
+    # JAX, Orbax and the model load only here, once the arguments were found valid.
     import jax  # noqa: PLC0415
 
     from histojax import config as config_lib  # noqa: PLC0415
@@ -135,7 +135,6 @@ class QueryModel:
         "image_size": self.image_size, "normalization": export.NORMALIZATION, "dim": self.dim}))
 
   def check(self, manifest: dict, index_dir) -> None:
-    from histojax import index  # noqa: PLC0415
     index.check_manifest(manifest, self.identity, index_dir)
 
   def embed(self, patches: np.ndarray) -> np.ndarray:
@@ -159,8 +158,6 @@ class QueryModel:
 def answer(path: str, patches: Patches, neighbors: np.ndarray, scores: np.ndarray, rows: dict,
            class_names: list[str], tiling_cfg, shape) -> dict:
   """The JSON-ready answer for one query image."""
-  from histojax import metrics  # noqa: PLC0415
-
   name = lambda label: class_names[label] if 0 <= label < len(class_names) else str(label)
   tiles = []
   for (y, x), tissue, found, score in zip(patches.coords, patches.tissue, neighbors, scores):
@@ -168,7 +165,8 @@ def answer(path: str, patches: Patches, neighbors: np.ndarray, scores: np.ndarra
                 "label_id": int(rows["label"][n]), "source_id": str(rows["source_id"][n]),
                 "coords": [int(c) for c in rows["coords"][n]], "score": round(float(s), 6)}
                for r, (n, s) in enumerate(zip(found, score)) if n >= 0]
-    tiles.append({"y": int(y), "x": int(x), "tissue_fraction": round(float(tissue), 4), "results": results})
+    tiles.append({"y": int(y), "x": int(x), "results": results,
+                  "tissue_fraction": None if tissue is None else round(float(tissue), 4)})
   vote = None
   if len(neighbors):
     retrieved = metrics.neighbor_labels(neighbors, rows["label"])
@@ -198,14 +196,25 @@ def format_answer(result: dict) -> str:
   return "\n".join(lines)
 
 
+def model_workdir(args, manifest: dict) -> str:
+  """--workdir, else the workdir the manifest names, else the index's parent folder
+  (a workdir copied elsewhere whole still finds its checkpoints)."""
+  if args.workdir:
+    return args.workdir
+  recorded = manifest["checkpoint"]["workdir"]
+  parent = os.path.dirname(os.path.abspath(args.index.rstrip("/")))
+  for candidate in (recorded, parent):
+    if os.path.exists(os.path.join(candidate, "config.json")):
+      return candidate
+  raise FileNotFoundError(f"the index's model workdir {recorded} is gone (no config.json there nor in {parent}); "
+                          "pass --workdir")
+
+
 def run(args, emit) -> int:
   """Searches every query image; `emit(result)` prints one answer. Returns the exit status."""
-  from histojax import index  # noqa: PLC0415
-
   manifest = index.read_manifest(args.index)
   paths = query_paths(args.images)
-  workdir = args.workdir or manifest["checkpoint"]["workdir"]
-  model = QueryModel(workdir, args.step if args.step is not None else manifest["checkpoint"]["step"])
+  model = QueryModel(model_workdir(args, manifest), args.step if args.step is not None else manifest["checkpoint"]["step"])
   model.check(manifest, args.index)
   idx, _ = index.load(args.index)
   rows = index.load_rows(args.index)
