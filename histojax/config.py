@@ -73,7 +73,7 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity") -> m
   c.eval.index.training_sample_size = 250_000
   c.eval.index.dims_per_block = 0  # 0 -> 1 below 128 dims, else 2
   c.eval.index.anisotropic_threshold = 0.2
-  c.eval.index.reorder = 0  # 0 -> max(250, 25 * k)
+  c.eval.index.reorder = 0  # 0 -> max(250, 25 * k, n / 1000)
   c.eval.index.reorder_dtype = "float32"  # float32 | bfloat16 | int8
   c.eval.index.pq_metric = "dot_product"  # adc: dot_product | squared_l2
 

@@ -77,8 +77,8 @@ def build_or_reuse_index(config, workdir: epath.Path, gallery: export.Export, k:
   if found is not None:
     monitor.info("reusing the index in %s", workdir / "index")
     return found
-  idx = index.build(None if gallery.codes is not None else gallery.embeddings, config.eval.index, k=k,
-                    codes=gallery.codes, codebooks=gallery.codebooks)
+  # With PQ codes, 'auto' searches them (ADC); a float mode named in config uses the embeddings.
+  idx = index.build(gallery.embeddings, config.eval.index, k=k, codes=gallery.codes, codebooks=gallery.codebooks)
   manifest = wanted
   if jax.process_index() == 0:
     manifest = index.save(idx, workdir / "index", wanted, gallery.rows())

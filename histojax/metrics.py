@@ -8,7 +8,7 @@ Conventions shared by every function here:
 - A retrieved item is *relevant* when its gallery label equals the query's.
 - Averages are over queries, each query weighing the same ("micro"), unless
   the name says `macro` (mean over true classes of the per-class means) or
-  `image` (one vote per source image, see `image_majority_vote`).
+  `image` (one vote per source image, see `pooled_vote`).
 - Labels are non-negative integers; -1 never counts as a label.
 
 Pair metrics (`concordance_index`, `choose_pair_threshold`, `pair_c_index`)

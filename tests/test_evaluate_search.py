@@ -51,11 +51,14 @@ def test_evaluate_writes_metrics_and_report(trained):
   assert all(str(s).startswith(painter.CLASS_NAMES[c]) for s, c in zip(rows["source_id"], rows["label"]))
 
 
-def test_evaluate_again_reuses_export_and_index(trained):
+def test_evaluate_cli_again_reuses_export_and_index(trained):
   config, workdir, results = trained
   stamps = {p: (workdir / p).stat().st_mtime_ns for p in ("index/manifest.json", "export/train/manifest.json")}
-  again = evaluate.evaluate(config, workdir)
-  assert again == results
+  done = subprocess.run([sys.executable, "-m", "histojax.evaluate", "--workdir", str(workdir)], cwd=ROOT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "reusing the index" in done.stdout and "eta_total" in done.stdout
+  assert json.loads((workdir / "eval" / "metrics.json").read_text()) == results
   assert stamps == {p: (workdir / p).stat().st_mtime_ns for p in stamps}
   # A changed index knob builds a new index (exact search: the same neighbours here).
   config = tiny_config(config.dataset.data_dir)

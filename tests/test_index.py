@@ -69,6 +69,8 @@ def test_auto_mode_by_size_and_every_knob_overridable():
                                            reorder_dtype="int8"), k=10)
   assert idx.params["num_leaves"] == 7 and idx.params["leaves_to_search"] == 3
   assert idx.params["reorder"] == 40 and idx.params["reorder_dtype"] == "int8"
+  assert index.build(_clustered(2000), _cfg("tree_ah"), k=10).params["reorder"] == 250
+  assert index.default_reorder(1_000_000, 10) == 1000 and index.default_reorder(100_000, 20) == 500
 
 
 def test_k_larger_than_gallery_pads():
