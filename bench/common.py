@@ -18,11 +18,12 @@ def machine() -> dict:
           "devices": [d.device_kind for d in jax.devices()], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write(name: str, result: dict, out: str | None = None) -> str:
+def write(name: str, result: dict, out: str | None = None, quiet: bool = False) -> str:
   path = out or os.path.join(RESULTS, f"{name}.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump({"benchmark": name, "machine": machine(), **result}, f, indent=2)
-  print(json.dumps(result, indent=2))
+  if not quiet:
+    print(json.dumps(result, indent=2))
   print(f"wrote {path}")
   return path

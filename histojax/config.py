@@ -78,12 +78,18 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
   c.eval.at_end = True
   c.eval.ks = (1, 5, 10)
   c.eval.exclude_same_source = True  # a query is never answered by its own source image
-  c.eval.index = ml_collections.ConfigDict()
-  c.eval.index.mode = "auto"  # auto | exact | brute_force | ah | tree_ah
+  c.eval.index = ml_collections.ConfigDict()  # fields and defaults: histojax.index.IndexConfig
+  c.eval.index.mode = "auto"  # auto | exact | brute_force | ah | tree_ah | adc (PQ codes)
+  c.eval.index.brute_force_below = 20_000  # auto: brute force below this many gallery rows
+  c.eval.index.ah_below = 0  # auto: AH without a tree below this many rows; 0: never (measured worse)
   c.eval.index.num_leaves = 0  # 0 -> about sqrt(n)
   c.eval.index.leaves_to_search = 0  # 0 -> about num_leaves / 10
-  c.eval.index.reorder = 0  # 0 -> max(250, 25 * k)
-  c.eval.index.dims_per_block = 2
+  c.eval.index.training_sample_size = 250_000
+  c.eval.index.dims_per_block = 0  # 0 -> 1 below 128 dims, else 2
+  c.eval.index.anisotropic_threshold = 0.2
+  c.eval.index.reorder = 0  # 0 -> max(250, 25 * k, n / 1000)
+  c.eval.index.reorder_dtype = "float32"  # float32 | bfloat16 | int8
+  c.eval.index.pq_metric = "dot_product"  # adc: dot_product | squared_l2
 
   c.lock()
   return c
@@ -111,6 +117,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optimizer.name must be one of {optim.NAMES}, got {config.optimizer.name!r}")
   models.MODELS.get(config.model.name)
   objectives.OBJECTIVES.get(config.objective.name)
+  from histojax import index  # noqa: PLC0415  (index knobs fail here, before training, not at eval)
+  index.IndexConfig.from_config(config.eval.index)
 
 
 CLASS_COUNT_FIELDS = ("num_classes", "probe_classes")  # in model.head; -1 means "the dataset's"

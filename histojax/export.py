@@ -1,14 +1,26 @@
-"""Checkpoint state + TFDS split -> embeddings and metadata on disk.
+"""Checkpoint state + TFDS split -> embeddings (+ PQ codes) and metadata on disk.
 
 An export folder holds `embeddings.npy` [n, d] (float32, unit rows, in split
-order), `metadata.npz` (label, source_id, coords) and `manifest.json`. It is
-written to a staging folder and renamed into place, so a reader never sees a
-half-written export, and it is reused when its manifest matches.
+order), `metadata.npz` (label, source_id, coords), `manifest.json` and, for a
+model with PQ codebooks (SPQ), `codes.npy` [n, M] + `codebooks.npy` [M, K, d/M].
+
+Writing is resumable and atomic. Rows are embedded in chunks of whole global
+batches; each finished chunk is saved into a staging folder next to the
+export, under a manifest naming the checkpoint it came from, so a run
+interrupted after hours restarts at the first missing chunk. Only when every
+row is there is the export assembled and renamed into place: a reader never
+sees a half-written export, and an export already there is reused when its
+manifest matches (same dataset, split, step, model and weights).
+
+The PQ hook: a model that exposes `codebooks` (an nnx.Param or array
+[M, K, d/M], as SPQ's quantiser does) and optionally `pq_metric` gets its
+gallery encoded with `pq.encode` (hard nearest codeword per sub-vector).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import jax
@@ -17,8 +29,14 @@ from etils import epath
 from flax import nnx
 
 from histojax import mesh as mesh_lib
+from histojax import pq
 from histojax import step as step_lib
-from histojax.data import pipeline, sources
+from histojax.data import pipeline, sources, tiling
+from histojax.models import embedder
+
+CHUNK_EXAMPLES = 16_384  # rows per resumable chunk, rounded to whole global batches
+NORMALIZATION = {"input": "imagenet_mean_std", "input_mean": list(embedder.IMAGENET_MEAN),
+                 "input_std": list(embedder.IMAGENET_STD), "embedding": "l2"}
 
 
 @dataclasses.dataclass
@@ -28,6 +46,77 @@ class Export:
   source_id: np.ndarray
   coords: np.ndarray
   manifest: dict
+  codes: np.ndarray | None = None
+  codebooks: np.ndarray | None = None
+
+  def rows(self) -> dict[str, np.ndarray]:
+    return {"label": self.label, "source_id": self.source_id, "coords": self.coords}
+
+
+# --- What identifies an export -------------------------------------------------
+
+def fingerprint(trainer: step_lib.Trainer, state: nnx.State) -> str:
+  """sha256 (16 hex) of the model's parameters and batch statistics, path by path.
+
+  Two checkpoints with the same step but different weights (a rerun) differ
+  here, so neither an export nor an index is reused across them.
+  """
+  model, _ = nnx.merge(trainer.graphdef, state)
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
+    array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def dataset_tiling(name: str, data_dir: str = "") -> dict | None:
+  """How the dataset's builder cut its patches, for the search CLI to cut queries alike.
+
+  Looked up in order: the builder config's `tiling` (a `tiling.TilingConfig`),
+  `info.metadata['tiling']`, a builder config `tile_size` (non-overlapping,
+  every tile kept, as synthetic_tissue does), the image feature's fixed size.
+  None when the builder says nothing (the search CLI then tiles at the model
+  input size).
+  """
+  builder = sources.builder(name, data_dir)
+  cfg = builder.builder_config
+  found = getattr(cfg, "tiling", None)
+  if isinstance(found, tiling.TilingConfig):
+    return dataclasses.asdict(found)
+  metadata = builder.info.metadata
+  if metadata is not None and "tiling" in metadata:
+    return dataclasses.asdict(tiling.TilingConfig(**dict(metadata["tiling"])))
+  size = getattr(cfg, "tile_size", None)
+  if size is None:
+    shape = getattr(builder.info.features["image"], "shape", (None,))
+    size = shape[0] if shape and shape[0] and shape[0] == shape[1] else None
+  if size is None:
+    return None
+  return dataclasses.asdict(tiling.TilingConfig(patch_size=int(size), stride=int(size), min_tissue_fraction=0.0))
+
+
+def identity(config, split: str, step: int, fingerprint_: str) -> dict:
+  """The fields an export is reused on, as they read back from JSON (tuples become lists)."""
+  return json.loads(json.dumps({"dataset": config.dataset.name, "split": split, "step": step,
+                                "model": config.model.to_dict(), "image_size": config.input.image_size,
+                                "fingerprint": fingerprint_}))
+
+
+# --- Embedding ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+  """Rows [start, stop) of a random-access source, renumbered from 0."""
+  source: object
+  start: int
+  stop: int
+
+  def __len__(self):
+    return self.stop - self.start
+
+  def __getitem__(self, i):
+    return self.source[self.start + int(i)]
 
 
 def embed_source(trainer: step_lib.Trainer, state: nnx.State, source, image_size: int,
@@ -58,39 +147,132 @@ def embed_source(trainer: step_lib.Trainer, state: nnx.State, source, image_size
   return out
 
 
+def chunk_ranges(n: int, global_batch: int, chunk_examples: int) -> list[tuple[int, int]]:
+  """[start, stop) per chunk; chunks are whole global batches, so only the last one pads."""
+  size = max(1, chunk_examples // global_batch) * global_batch
+  return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _chunk_path(staging: epath.Path, start: int, stop: int) -> epath.Path:
+  return staging / "chunks" / f"{start:010d}-{stop:010d}.npy"
+
+
+def _open_staging(staging: epath.Path, manifest: dict, ranges) -> np.ndarray:
+  """Which chunks a previous run of the same export finished (bool per range).
+
+  A staging folder left by a different checkpoint or chunking is wiped.
+  Process 0 decides and broadcasts, so every process skips the same chunks.
+  """
+  done = np.zeros(len(ranges), bool)
+  if jax.process_index() == 0:
+    marker = staging / "manifest.json"
+    if marker.exists() and json.loads(marker.read_text()) == manifest:
+      done = np.array([_chunk_path(staging, *r).exists() for r in ranges], bool)
+    else:
+      if staging.exists():
+        staging.rmtree()
+      (staging / "chunks").mkdir(parents=True)
+      marker.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  return done
+
+
+def _save_npy(path: epath.Path, array: np.ndarray) -> None:
+  """Writes next to `path` then renames, so a chunk is either whole or absent."""
+  partial = path.parent / f".{path.name}.partial"
+  with partial.open("wb") as f:
+    np.save(f, array)
+  partial.replace(path)
+
+
+def _load_npy(path: epath.Path) -> np.ndarray:
+  with path.open("rb") as f:
+    return np.load(f)
+
+
+def embed_resumable(trainer, state, source, input_cfg, staging: epath.Path, manifest: dict,
+                    chunk_examples: int = CHUNK_EXAMPLES) -> np.ndarray:
+  """`embed_source` chunk by chunk, saving each chunk to `staging` and skipping saved ones."""
+  ranges = chunk_ranges(len(source), input_cfg.eval_batch_size, chunk_examples)
+  done = _open_staging(staging, {**manifest, "chunks": [list(r) for r in ranges]}, ranges)
+  parts = []
+  for (start, stop), finished in zip(ranges, done):
+    path = _chunk_path(staging, start, stop)
+    if finished:
+      parts.append(_load_npy(path))
+      continue
+    part = embed_source(trainer, state, _Rows(source, start, stop), input_cfg.image_size,
+                        input_cfg.eval_batch_size, input_cfg.num_workers)
+    if jax.process_index() == 0:
+      _save_npy(path, part)
+    parts.append(part)
+  if not parts:
+    raise RuntimeError("export of an empty split: nothing to embed")
+  return np.concatenate(parts)
+
+
+# --- PQ hook ----------------------------------------------------------------------
+
+def model_codebooks(trainer: step_lib.Trainer, state: nnx.State) -> tuple[np.ndarray | None, str]:
+  """(codebooks [M, K, d/M] or None, PQ metric) of a model that quantises (SPQ)."""
+  model, _ = nnx.merge(trainer.graphdef, state)
+  books = getattr(model, "codebooks", None)
+  if books is None:
+    return None, "dot_product"
+  value = books[...] if isinstance(books, nnx.Variable) else books
+  return np.asarray(jax.device_get(value), np.float32), getattr(model, "pq_metric", "dot_product")
+
+
+# --- The export ---------------------------------------------------------------------
+
 def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str,
-                 directory: epath.PathLike, step: int) -> Export:
+                 directory: epath.PathLike, step: int, fingerprint_: str | None = None,
+                 chunk_examples: int = CHUNK_EXAMPLES) -> Export:
   """Embeds one split and writes it to `directory` (reused if already there)."""
   directory = epath.Path(directory)
-  manifest = {"dataset": config.dataset.name, "split": split, "step": step,
-              "model": config.model.to_dict(), "image_size": config.input.image_size}
-  existing = _load_if_matching(directory, manifest)
+  wanted = identity(config, split, step, fingerprint_ or fingerprint(trainer, state))
+  existing = _load_if_matching(directory, wanted)
   if existing is not None:
     return existing
   source = sources.open_split(config.dataset.name, split, config.dataset.data_dir)
   meta = sources.read_metadata(source)
-  embeddings = embed_source(trainer, state, source, config.input.image_size,
-                            config.input.eval_batch_size, config.input.num_workers)
-  manifest.update(count=int(embeddings.shape[0]), dim=int(embeddings.shape[1]), normalized=True)
-  result = Export(embeddings, meta["label"], meta["source_id"], meta["coords"], manifest)
+  staging = directory.parent / f".{directory.name}.partial"
+  embeddings = embed_resumable(trainer, state, source, config.input, staging, wanted, chunk_examples)
+  codebooks, metric = model_codebooks(trainer, state)
+  codes = None if codebooks is None else pq.encode(embeddings, codebooks, metric)
+  manifest = {**wanted, "count": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]), "normalized": True,
+              "normalization": NORMALIZATION, "class_names": sources.class_names(config.dataset.name, config.dataset.data_dir),
+              "tiling": dataset_tiling(config.dataset.name, config.dataset.data_dir),
+              "pq": None if codebooks is None else {"num_books": int(codebooks.shape[0]),
+                                                    "num_codewords": int(codebooks.shape[1]), "metric": metric,
+                                                    "bits_per_row": pq.bits_per_row(codebooks)}}
+  result = Export(embeddings, meta["label"], meta["source_id"], meta["coords"], manifest, codes, codebooks)
   if jax.process_index() == 0:
-    _write(directory, result)
+    _write(directory, staging, result)
   return result
 
 
-def _write(directory: epath.Path, export: Export) -> None:
-  staging = directory.parent / f".{directory.name}.partial"
-  if staging.exists():
-    staging.rmtree()
-  staging.mkdir(parents=True)
+def _write(directory: epath.Path, staging: epath.Path, export: Export) -> None:
+  """Completes the staging folder and swaps it in; the old export is removed last."""
   with (staging / "embeddings.npy").open("wb") as f:
     np.save(f, export.embeddings)
   with (staging / "metadata.npz").open("wb") as f:
-    np.savez(f, label=export.label, source_id=export.source_id, coords=export.coords)
+    np.savez(f, **export.rows())
+  if export.codes is not None:
+    _save_npy(staging / "codes.npy", export.codes)
+    _save_npy(staging / "codebooks.npy", export.codebooks)
+  (staging / "chunks").rmtree()
   (staging / "manifest.json").write_text(json.dumps(export.manifest, indent=2, sort_keys=True))
+  old = directory.parent / f".{directory.name}.old"
+  if old.exists():
+    old.rmtree()
   if directory.exists():
-    directory.rmtree()
+    directory.rename(old)
   staging.rename(directory)
+  if old.exists():
+    old.rmtree()
 
 
 def load(directory: epath.PathLike) -> Export:
@@ -98,16 +280,22 @@ def load(directory: epath.PathLike) -> Export:
   if not (directory / "manifest.json").exists():
     raise FileNotFoundError(f"{directory} holds no export (no manifest.json)")
   manifest = json.loads((directory / "manifest.json").read_text())
-  with (directory / "embeddings.npy").open("rb") as f:
-    embeddings = np.load(f)
+  embeddings = _load_npy(directory / "embeddings.npy")
   with (directory / "metadata.npz").open("rb") as f:
     meta = dict(np.load(f))
-  return Export(embeddings, meta["label"], meta["source_id"], meta["coords"], manifest)
+  codes = codebooks = None
+  if (directory / "codes.npy").exists():
+    codes, codebooks = _load_npy(directory / "codes.npy"), _load_npy(directory / "codebooks.npy")
+  if len(embeddings) != manifest.get("count", len(embeddings)) or len(meta["label"]) != len(embeddings):
+    raise ValueError(f"{directory}: {len(embeddings)} embeddings, {len(meta['label'])} labels, "
+                     f"manifest count {manifest.get('count')}; delete the folder to export again")
+  return Export(embeddings, meta["label"], meta["source_id"], meta["coords"], manifest, codes, codebooks)
 
 
-def _load_if_matching(directory: epath.Path, manifest: dict) -> Export | None:
+def _load_if_matching(directory: epath.Path, wanted: dict) -> Export | None:
   if not (directory / "manifest.json").exists():
     return None
-  existing = load(directory)
-  same = all(existing.manifest.get(k) == v for k, v in manifest.items())
-  return existing if same else None
+  manifest = json.loads((directory / "manifest.json").read_text())
+  if any(manifest.get(k) != v for k, v in wanted.items()):
+    return None
+  return load(directory)

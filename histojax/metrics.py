@@ -3,13 +3,37 @@
 Conventions shared by every function here:
 - `neighbors` is an int array [num_queries, k] of gallery row indices, best
   first; -1 marks "no result" (the gallery, after exclusions, ran out).
+  `retrieved` is the same array mapped to gallery labels (`neighbor_labels`),
+  -1 where there is no result.
 - A retrieved item is *relevant* when its gallery label equals the query's.
-- Averages are over queries, each query weighing the same.
+- Averages are over queries, each query weighing the same ("micro"), unless
+  the name says `macro` (mean over true classes of the per-class means) or
+  `image` (one vote per source image, see `pooled_vote`).
+- Labels are non-negative integers; -1 never counts as a label.
+
+Pair metrics (`concordance_index`, `choose_pair_threshold`, `pair_c_index`)
+score a similarity against a same/different truth per pair instead of a
+ranked list.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+# --- Own-source exclusion ----------------------------------------------------
+
+def kept_columns(neighbors: np.ndarray, gallery_source: np.ndarray,
+                 query_source: np.ndarray, k: int) -> np.ndarray:
+  """Per query, the columns of `neighbors` that survive `drop_same_source`, in
+  rank order, cut to `k` and padded with -1 (use them to carry scores along)."""
+  valid = neighbors >= 0
+  same = valid & (gallery_source[np.where(valid, neighbors, 0)] == query_source[:, None])
+  keep = valid & ~same
+  # A stable sort on "dropped" moves kept columns to the front in rank order.
+  order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+  out = np.where(np.arange(order.shape[1])[None, :] < keep.sum(1, keepdims=True), order, -1)
+  return np.pad(out, ((0, 0), (0, k - out.shape[1])), constant_values=-1).astype(np.int64)
 
 
 def drop_same_source(neighbors: np.ndarray, gallery_source: np.ndarray,
@@ -21,14 +45,8 @@ def drop_same_source(neighbors: np.ndarray, gallery_source: np.ndarray,
   results keep their order; rows are cut to `k` and padded with -1. Search
   with enough extra neighbours (see `max_shared_source`) for `k` to survive.
   """
-  valid = neighbors >= 0
-  same = valid & (gallery_source[np.where(valid, neighbors, 0)] == query_source[:, None])
-  keep = valid & ~same
-  # A stable sort on "dropped" moves kept results to the front in rank order.
-  order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-  compact = np.take_along_axis(neighbors, order, axis=1)
-  out = np.where(np.arange(order.shape[1])[None, :] < keep.sum(1, keepdims=True), compact, -1)
-  return np.pad(out, ((0, 0), (0, k - out.shape[1])), constant_values=-1).astype(np.int64)
+  columns = kept_columns(neighbors, gallery_source, query_source, k)
+  return np.where(columns >= 0, np.take_along_axis(neighbors, np.maximum(columns, 0), 1), -1)
 
 
 def max_shared_source(gallery_source: np.ndarray, query_source: np.ndarray) -> int:
@@ -43,13 +61,15 @@ def neighbor_labels(neighbors: np.ndarray, gallery_labels: np.ndarray) -> np.nda
   return np.where(neighbors >= 0, gallery_labels[np.maximum(neighbors, 0)], -1)
 
 
+# --- Per-query ranking metrics -----------------------------------------------
+
 def _relevance(retrieved: np.ndarray, query_labels: np.ndarray, k: int):
   retrieved = retrieved[:, :k]
   return retrieved == query_labels[:, None], retrieved >= 0
 
 
-def precision_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> float:
-  """Mean over queries of (relevant results in the top k) / (results in the top k).
+def precision_per_query(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+  """Per query: (relevant results in the top k) / (results in the top k).
 
   The denominator is the number of results actually returned (at most k), so
   a gallery smaller than k is not penalised for the slots it cannot fill. A
@@ -57,13 +77,27 @@ def precision_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> f
   """
   relevant, present = _relevance(retrieved, query_labels, k)
   returned = present.sum(1)
-  return float(np.mean(np.where(returned > 0, relevant.sum(1) / np.maximum(returned, 1), 0.0)))
+  return np.where(returned > 0, relevant.sum(1) / np.maximum(returned, 1), 0.0)
+
+
+def precision_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> float:
+  """Mean over queries of `precision_per_query`."""
+  return float(np.mean(precision_per_query(retrieved, query_labels, k)))
+
+
+def hit_per_query(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+  """Per query: 1 if a relevant result is in the top k, else 0."""
+  relevant, _ = _relevance(retrieved, query_labels, k)
+  return relevant.any(1).astype(np.float64)
 
 
 def accuracy_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> float:
-  """Fraction of queries with at least one relevant result in the top k (hit@k)."""
-  relevant, _ = _relevance(retrieved, query_labels, k)
-  return float(np.mean(relevant.any(1)))
+  """Fraction of queries with at least one relevant result in the top k (hit@k).
+
+  Also called recall@k in the metric-learning literature (a query is
+  "recalled" when any relevant item is among its k nearest neighbours).
+  """
+  return float(np.mean(hit_per_query(retrieved, query_labels, k)))
 
 
 def average_precision_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
@@ -85,20 +119,34 @@ def map_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> float:
   return float(np.mean(average_precision_at_k(retrieved, query_labels, k)))
 
 
+# --- Majority votes: per patch and per source image --------------------------
+
+def _vote_tallies(retrieved: np.ndarray, k: int, num_labels: int):
+  """Per query and label: votes in the top k, and the first rank (0-based) it reaches (k if never)."""
+  top = retrieved[:, :k]
+  is_label = top[:, :, None] == np.arange(num_labels)[None, None, :]  # [Q, k, L]
+  first = np.where(is_label, np.arange(top.shape[1])[None, :, None], k).min(1)
+  return is_label.sum(1), first
+
+
+def _winner(counts: np.ndarray, first: np.ndarray, k: int) -> np.ndarray:
+  """Most votes; among equal votes the earliest first appearance; then the lowest label id."""
+  score = counts.astype(np.int64) * (k + 1) - first  # first <= k, so counts dominate
+  return np.where(counts.max(1, initial=0) > 0, np.argmax(score, axis=1), -1)
+
+
+def _num_labels(*arrays) -> int:
+  return max(max((int(a.max(initial=-1)) for a in arrays), default=-1) + 1, 1)
+
+
 def majority_vote(retrieved: np.ndarray, k: int) -> np.ndarray:
   """Per query, the label most frequent among its top-k results.
 
   Ties go to the tied label that appears first in the ranking (the closest
   result). A query with no result votes -1.
   """
-  top = retrieved[:, :k]
-  num_labels = max(int(top.max(initial=-1)) + 1, 1)
-  is_label = top[:, :, None] == np.arange(num_labels)[None, None, :]  # [Q, k, L]
-  counts = is_label.sum(1)
-  first = np.where(is_label, np.arange(top.shape[1])[None, :, None], top.shape[1]).min(1)
-  # More votes wins; among equal votes the earlier first appearance wins.
-  score = counts * (top.shape[1] + 1) - first
-  return np.where(counts.max(1) > 0, np.argmax(score, axis=1), -1)
+  counts, first = _vote_tallies(retrieved, k, _num_labels(retrieved))
+  return _winner(counts, first, k)
 
 
 def majority_vote_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> float:
@@ -106,16 +154,194 @@ def majority_vote_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) 
   return float(np.mean(majority_vote(retrieved, k) == query_labels))
 
 
+def pooled_vote(retrieved: np.ndarray, groups: np.ndarray, k: int):
+  """One vote per group of queries (e.g. the patches of one source image).
+
+  Every query of a group casts its top-k labels; the group's label is the one
+  with the most votes in the pool. Ties go to the label reaching the earliest
+  rank in any of the group's lists, then to the lowest label id. Returns
+  (group ids sorted, voted label [G] (-1 for a group with no result),
+  vote counts [G, num_labels]).
+  """
+  ids, inverse = np.unique(groups, return_inverse=True)
+  num_labels = _num_labels(retrieved)
+  counts, first = _vote_tallies(retrieved, k, num_labels)
+  pooled = np.zeros((len(ids), num_labels), np.int64)
+  np.add.at(pooled, inverse, counts)
+  earliest = np.full((len(ids), num_labels), k, np.int64)
+  np.minimum.at(earliest, inverse, first)
+  return ids, _winner(pooled, earliest, k), pooled
+
+
+def group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(group ids sorted, each group's most frequent label; ties to the lowest id).
+
+  A source image's label is its patches' label; datasets with one label per
+  photo (BACH, Kimia Path24) have no ties.
+  """
+  ids, inverse = np.unique(groups, return_inverse=True)
+  counts = np.zeros((len(ids), _num_labels(labels)), np.int64)
+  np.add.at(counts, (inverse, labels), 1)
+  return ids, np.argmax(counts, axis=1)
+
+
+def image_majority_vote_at_k(retrieved: np.ndarray, query_labels: np.ndarray,
+                             query_source: np.ndarray, k: int) -> float:
+  """Fraction of query source images whose `pooled_vote` over all their patches' top k
+  equals the image's label (`group_labels`). Each image weighs the same."""
+  _, voted, _ = pooled_vote(retrieved, query_source, k)
+  _, truth = group_labels(query_labels, query_source)
+  return float(np.mean(voted == truth))
+
+
+# --- Per class, macro, confusion, Kimia Path24 -------------------------------
+
+def per_class_mean(values: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Mean of a per-query value over the queries of each true class; NaN for a class with no query."""
+  sums = np.bincount(labels, weights=values, minlength=num_classes)[:num_classes]
+  counts = np.bincount(labels, minlength=num_classes)[:num_classes]
+  return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def macro_average(values: np.ndarray, labels: np.ndarray) -> float:
+  """Mean over the true classes present among the queries of `per_class_mean`.
+
+  Every class weighs the same however many queries it has, so a rare class
+  retrieved badly is not hidden by a common one retrieved well.
+  """
+  per_class = per_class_mean(values, labels, _num_labels(labels))
+  return float(np.nanmean(per_class))
+
+
+def confusion_matrix(true_labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+  """Counts [true, predicted]; the last column counts predictions of -1 (no result)."""
+  matrix = np.zeros((num_classes, num_classes + 1), np.int64)
+  np.add.at(matrix, (true_labels, np.where(predicted >= 0, predicted, num_classes)), 1)
+  return matrix
+
+
+def kimia_eta(predicted: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:
+  """Kimia Path24 accuracies (Babaie et al., CVPR-W 2017).
+
+  eta_p = |correct| / n_tot, the patch-to-scan accuracy over all test patches;
+  eta_w = (1 / |classes|) * sum_s |correct in s| / |patches of s|, the mean over
+  true classes (whole scans) of per-class accuracy; eta_total = eta_p * eta_w.
+  The paper's "retrieved class" is the top-1 result's; `predicted` may be any
+  per-query decision (e.g. `majority_vote` at k).
+  """
+  correct = (predicted == true_labels).astype(np.float64)
+  eta_p = float(np.mean(correct))
+  eta_w = macro_average(correct, true_labels)
+  return {"eta_p": eta_p, "eta_w": eta_w, "eta_total": eta_p * eta_w}
+
+
+# --- Pairs: same / different decisions ----------------------------------------
+
+def concordance_index(scores: np.ndarray, targets: np.ndarray) -> float:
+  """Harrell's c-index: over pairs (i, j) with targets[i] > targets[j], the
+  fraction with scores[i] > scores[j], score ties counting 1/2.
+
+  With a binary target (same class = 1) and similarity as score, it is the
+  probability that a random same-class pair is more similar than a random
+  different-class pair (ROC AUC). O(T n log n) for T distinct targets.
+  NaN when no pair is comparable.
+  """
+  scores, targets = np.asarray(scores, np.float64), np.asarray(targets)
+  levels = np.unique(targets)
+  if len(levels) < 2:
+    return float("nan")
+  concordant, comparable = 0.0, 0
+  below = np.sort(scores[targets == levels[0]])
+  for level in levels[1:]:
+    current = scores[targets == level]
+    lower = np.searchsorted(below, current, side="left")
+    tied = np.searchsorted(below, current, side="right") - lower
+    concordant += float(lower.sum()) + 0.5 * float(tied.sum())
+    comparable += len(current) * len(below)
+    below = np.sort(np.concatenate([below, current]))
+  return concordant / comparable if comparable else float("nan")
+
+
+def choose_pair_threshold(similarity: np.ndarray, same: np.ndarray) -> float:
+  """Similarity threshold maximising correct decisions on labelled pairs.
+
+  A pair is decided "same" when similarity >= threshold. Candidates are the
+  midpoints between consecutive distinct similarities, plus -inf (all same)
+  and +inf (all different); the lowest best candidate wins ties. Choose it on
+  validation pairs and apply it to held-out pairs with `pair_c_index`.
+  """
+  similarity, same = np.asarray(similarity, np.float64), np.asarray(same, bool)
+  if similarity.size == 0:
+    raise ValueError("choose_pair_threshold needs at least one labelled pair")
+  values = np.unique(similarity)
+  # Threshold at values[j]: pairs with similarity >= values[j] are called same.
+  below_same = np.searchsorted(np.sort(similarity[same]), values, side="left")
+  below_diff = np.searchsorted(np.sort(similarity[~same]), values, side="left")
+  correct = np.append((same.sum() - below_same) + below_diff, (~same).sum())  # last: +inf
+  best = int(np.argmax(correct))
+  if best == 0:
+    return float("-inf")
+  if best == len(values):
+    return float("inf")
+  return float((values[best - 1] + values[best]) / 2)
+
+
+def pair_c_index(similarity: np.ndarray, same: np.ndarray, threshold: float) -> float:
+  """Correct same/different decisions / pairs, deciding "same" when similarity >= threshold.
+
+  The pair-query task's c-index (correct decisions over all query pairs).
+  """
+  decided = np.asarray(similarity) >= threshold
+  return float(np.mean(decided == np.asarray(same, bool)))
+
+
+# --- Everything at once -------------------------------------------------------
+
+FAMILIES = ("precision", "accuracy", "map", "majority_vote")
+
+
+def _per_query(family: str, retrieved, query_labels, k) -> np.ndarray:
+  if family == "precision":
+    return precision_per_query(retrieved, query_labels, k)
+  if family == "accuracy":
+    return hit_per_query(retrieved, query_labels, k)
+  if family == "map":
+    return average_precision_at_k(retrieved, query_labels, k)
+  return (majority_vote(retrieved, k) == query_labels).astype(np.float64)
+
+
 def retrieval_metrics(neighbors: np.ndarray, gallery_labels: np.ndarray,
-                      query_labels: np.ndarray, ks) -> dict[str, float]:
-  """Flat dict: precision@k, accuracy@k, map@k and majority_vote@k for each k."""
+                      query_labels: np.ndarray, ks, query_source: np.ndarray | None = None,
+                      class_names=None) -> dict:
+  """Flat dict of every ranking metric for each k.
+
+  Keys: `<family>@k` (micro, over queries) and `macro/<family>@k` for family in
+  precision, accuracy, map, majority_vote; `image_majority_vote@k` when
+  `query_source` is given; `eta_p@k`, `eta_w@k`, `eta_total@k` (Kimia, on the
+  majority vote at k; at k=1 the top-1 label as in the paper). With
+  `class_names`, `per_class` maps each class name to its `<family>@k` values.
+  """
   retrieved = neighbor_labels(neighbors, gallery_labels)
-  out = {}
+  num_classes = len(class_names) if class_names is not None else _num_labels(query_labels, gallery_labels)
+  out, per_class = {}, {}
   for k in ks:
     if k > neighbors.shape[1]:
       raise ValueError(f"metric at k={k} needs at least {k} neighbours, got {neighbors.shape[1]}")
-    out[f"precision@{k}"] = precision_at_k(retrieved, query_labels, k)
-    out[f"accuracy@{k}"] = accuracy_at_k(retrieved, query_labels, k)
-    out[f"map@{k}"] = map_at_k(retrieved, query_labels, k)
-    out[f"majority_vote@{k}"] = majority_vote_at_k(retrieved, query_labels, k)
+    for family in FAMILIES:
+      values = _per_query(family, retrieved, query_labels, k)
+      out[f"{family}@{k}"] = float(np.mean(values))
+      out[f"macro/{family}@{k}"] = macro_average(values, query_labels)
+      per_class[f"{family}@{k}"] = per_class_mean(values, query_labels, num_classes)
+    if query_source is not None:
+      out[f"image_majority_vote@{k}"] = image_majority_vote_at_k(retrieved, query_labels, query_source, k)
+    for name, value in kimia_eta(majority_vote(retrieved, k), query_labels).items():
+      out[f"{name}@{k}"] = value
+  if class_names is not None:
+    out["per_class"] = {name: {key: _json_float(v[c]) for key, v in per_class.items()}
+                        for c, name in enumerate(class_names)}
   return out
+
+
+def _json_float(value: float) -> float | None:
+  """NaN (a class with no query) as None, which JSON can hold."""
+  return None if np.isnan(value) else float(value)

@@ -59,7 +59,104 @@ def test_max_shared_source():
 def test_retrieval_metrics_keys_and_k_too_large():
   neighbors = np.array([[0, 1], [1, 0]])
   out = M.retrieval_metrics(neighbors, np.array([0, 1]), np.array([0, 0]), ks=(1, 2))
-  assert set(out) == {f"{m}@{k}" for m in ("precision", "accuracy", "map", "majority_vote") for k in (1, 2)}
+  families = ("precision", "accuracy", "map", "majority_vote")
+  expected = {f"{m}@{k}" for m in families for k in (1, 2)}
+  expected |= {f"macro/{m}@{k}" for m in families for k in (1, 2)}
+  expected |= {f"{e}@{k}" for e in ("eta_p", "eta_w", "eta_total") for k in (1, 2)}
+  assert set(out) == expected
   assert out["precision@1"] == pytest.approx(0.5)
   with pytest.raises(ValueError, match="k=5"):
     M.retrieval_metrics(neighbors, np.array([0, 1]), np.array([0, 0]), ks=(5,))
+
+
+# Four queries from two source images, A (q0, q1) and B (q2, q3).
+RETRIEVED4 = np.array([[0, 1, 0, 0], [0, 0, 1, -1], [1, 0, 1, 0], [2, 2, 1, 1]])
+SOURCE4 = np.array(["A", "A", "B", "B"])
+
+
+def test_pooled_vote_per_source_image():
+  ids, voted, counts = M.pooled_vote(RETRIEVED4, SOURCE4, 2)
+  # k=2. A pools 0 1 | 0 0 -> three 0s. B pools 1 0 | 2 2 -> 2 has two votes.
+  assert ids.tolist() == ["A", "B"]
+  np.testing.assert_array_equal(voted, [0, 2])
+  np.testing.assert_array_equal(counts, [[3, 1, 0], [1, 1, 2]])
+  # k=4. B pools 1 0 1 0 | 2 2 1 1 -> 1 has four votes, 0 and 2 two each.
+  np.testing.assert_array_equal(M.pooled_vote(RETRIEVED4, SOURCE4, 4)[1], [0, 1])
+
+
+def test_pooled_vote_ties_go_to_the_earliest_rank_then_lowest_label():
+  # Labels 1 and 2 both have two votes; 2 is at rank 1 in both lists, 1 only at rank 2.
+  tied_by_rank = np.array([[2, 1], [2, 1]])
+  assert M.pooled_vote(tied_by_rank, np.array(["x", "x"]), 2)[1].tolist() == [2]
+  # Both at rank 1 somewhere: the lower label id wins.
+  tied_fully = np.array([[2, 1], [1, 2]])
+  assert M.pooled_vote(tied_fully, np.array(["x", "x"]), 2)[1].tolist() == [1]
+  # A group with no result at all votes -1.
+  assert M.pooled_vote(np.array([[-1, -1]]), np.array(["x"]), 2)[1].tolist() == [-1]
+
+
+def test_image_majority_vote_at_k():
+  labels = np.array([0, 0, 1, 1])  # image A is class 0, B class 1
+  assert M.group_labels(labels, SOURCE4)[1].tolist() == [0, 1]
+  assert M.image_majority_vote_at_k(RETRIEVED4, labels, SOURCE4, 2) == pytest.approx(0.5)  # B voted 2
+  assert M.image_majority_vote_at_k(RETRIEVED4, labels, SOURCE4, 4) == pytest.approx(1.0)
+  # The image's label is its patches' most frequent label, ties to the lower id.
+  assert M.group_labels(np.array([3, 1, 1, 3]), np.array(["a", "a", "a", "b"]))[1].tolist() == [1, 3]
+
+
+def test_per_class_and_macro():
+  values, labels = np.array([1.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 2])
+  np.testing.assert_allclose(M.per_class_mean(values, labels, 4), [0.5, 1.0, 1.0, np.nan])
+  assert M.macro_average(values, labels) == pytest.approx((0.5 + 1 + 1) / 3)  # micro would be 0.75
+
+
+def test_kimia_eta():
+  predicted, truth = np.array([0, 0, 1, 2, 2]), np.array([0, 0, 1, 1, 2])
+  eta = M.kimia_eta(predicted, truth)
+  # 4 of 5 patches right; per class 2/2, 1/2, 1/1.
+  assert eta["eta_p"] == pytest.approx(0.8)
+  assert eta["eta_w"] == pytest.approx((1 + 0.5 + 1) / 3)
+  assert eta["eta_total"] == pytest.approx(0.8 * 2.5 / 3)
+
+
+def test_confusion_matrix_counts_no_result_apart():
+  m = M.confusion_matrix(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, -1, 1]), 2)
+  np.testing.assert_array_equal(m, [[1, 1, 0], [0, 2, 1]])
+
+
+def test_concordance_index_with_ties():
+  # Same-class pairs (target 1) score .9 and .8, different-class .8 and .1:
+  # .9>.8, .9>.1, .8=.8 (half), .8>.1 -> 3.5 of 4.
+  assert M.concordance_index([0.9, 0.8, 0.8, 0.1], [1, 0, 1, 0]) == pytest.approx(0.875)
+  # Ordinal targets: (2 vs 1) 3>1, (2 vs 0) 3>2, (1 vs 0) 1<2 -> 2 of 3.
+  assert M.concordance_index([3.0, 1.0, 2.0], [2, 1, 0]) == pytest.approx(2 / 3)
+  assert np.isnan(M.concordance_index([1.0, 2.0], [1, 1]))
+
+
+def test_pair_threshold_and_c_index():
+  sim = np.array([0.9, 0.7, 0.6, 0.4, 0.2])
+  same = np.array([1, 1, 0, 1, 0], bool)
+  # "same" from .4 up: .9 .7 .4 right, .6 wrong, .2 right -> 4; from .7 up also 4; the lower wins.
+  threshold = M.choose_pair_threshold(sim, same)
+  assert threshold == pytest.approx(0.3)
+  assert M.pair_c_index(sim, same, threshold) == pytest.approx(0.8)
+  assert M.choose_pair_threshold(np.array([0.5, 0.1]), np.array([True, True])) == -np.inf
+  assert M.choose_pair_threshold(np.array([0.5, 0.1]), np.array([False, False])) == np.inf
+  with pytest.raises(ValueError, match="at least one"):
+    M.choose_pair_threshold(np.array([]), np.array([], bool))
+
+
+def test_retrieval_metrics_with_k_larger_than_gallery():
+  # Gallery of two rows (labels 0, 1), k=4: each query has two results and two -1s.
+  neighbors = np.array([[0, 1, -1, -1], [1, 0, -1, -1], [0, 1, -1, -1]])
+  out = M.retrieval_metrics(neighbors, np.array([0, 1]), np.array([0, 1, 1]), ks=(1, 4),
+                            query_source=np.array(["a", "b", "b"]), class_names=["c0", "c1"])
+  assert out["precision@4"] == pytest.approx(0.5)  # one relevant of two returned, every query
+  assert out["accuracy@4"] == pytest.approx(1.0)
+  assert out["map@4"] == pytest.approx((1 + 1 + 0.5) / 3)
+  assert out["precision@1"] == pytest.approx(2 / 3)
+  assert out["macro/precision@1"] == pytest.approx((1 + 0.5) / 2)
+  # Image b pools 1 0 | 0 1 -> tie at rank 1, lower id 0 -> wrong; image a right.
+  assert out["image_majority_vote@4"] == pytest.approx(0.5)
+  assert out["per_class"]["c1"]["precision@1"] == pytest.approx(0.5)
+  assert out["eta_p@1"] == pytest.approx(2 / 3) and out["eta_w@1"] == pytest.approx(0.75)
