@@ -121,6 +121,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
   index.IndexConfig.from_config(config.eval.index)
 
 
+def parse_variants(arg: str | None, known: dict[str, tuple]) -> dict[str, str | bool]:
+  """`--config file.py:cpu,loss=abe` -> {"cpu": True, "loss": "abe"}.
+
+  `known` maps each variant name to its allowed values (() for a plain flag);
+  anything else is refused, naming the known variants.
+  """
+  chosen = {}
+  for token in filter(None, (arg or "").split(",")):
+    name, _, value = token.partition("=")
+    if name not in known or (value and value not in known[name]) or (not value and known[name]):
+      options = ", ".join(f"{k}={'|'.join(v)}" if v else k for k, v in known.items())
+      raise ValueError(f"unknown config variant {token!r}; known: {options}")
+    chosen[name] = value or True
+  return chosen
+
+
+def shrink_to_synthetic(c: ml_collections.ConfigDict, size: str) -> None:
+  """Points a config at the synthetic smoke data and shrinks it to CPU scale.
+
+  "quickstart": synthetic_tissue, 56 px crops, quarter-width ResNet-18-sized
+  trunks, 400 steps (about a minute on 2 cores). "tiny": the 4-step test size.
+  Method-specific fields (heads, codebooks) are the config file's business.
+  """
+  tiny = size == "tiny"
+  c.dataset.name = "synthetic_tissue/tiny" if tiny else "synthetic_tissue"
+  c.dataset.train_split, c.dataset.gallery_split, c.dataset.query_split = "train", "train", "test"
+  c.init_from = ""
+  c.total_steps, c.log_every = (4, 2) if tiny else (400, 20)
+  c.input.batch_size, c.input.m_per_class = (24, 4) if tiny else (48, 8)  # 6 classes x m
+  c.input.image_size = 48 if tiny else 56
+  c.input.eval_batch_size = 32 if tiny else 128
+  c.input.num_workers = 0
+  if "depth" in c.model:
+    c.model.depth, c.model.width = 18, 0.125 if tiny else 0.25
+  c.model.dtype = "float32"
+  c.optimizer.warmup_steps = 1 if tiny else 40
+  c.checkpoint.every_steps = 2 if tiny else 100
+  c.checkpoint.max_to_keep = 2
+  c.mesh.data = -1
+
+
 CLASS_COUNT_FIELDS = ("num_classes", "probe_classes")  # in model.head; -1 means "the dataset's"
 
 

@@ -5,7 +5,8 @@ represented by one of K codewords of codebook m, so a database item costs
 M * log2(K) bits. Training uses a *soft* assignment (softmax over cosine
 similarities to the codewords, sharpened by 1/temperature) so gradients
 reach both the features and the codebooks; the database stores the hard
-argmax codes, and queries stay float (asymmetric distance).
+argmax codes, and queries stay float: `histojax.pq` searches the codes by
+asymmetric distance with `unit_codebooks()`.
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ class ProductQuantizer(nnx.Module):
     """[..., D] -> [..., M, D/M]."""
     return features.reshape(*features.shape[:-1], self.num_codebooks, self.sub_dim)
 
+  def unit_codebooks(self):
+    """Codewords as used everywhere: unit vectors, so cosine argmax = dot-product argmax."""
+    return _unit(self.codebooks[...])
+
   def similarities(self, features):
     """Cosine similarity of every sub-vector to every codeword: [..., M, K]."""
     sub = _unit(self.split(features.astype(jnp.float32)))
-    return jnp.einsum("...md,mkd->...mk", sub, _unit(self.codebooks[...]))
+    return jnp.einsum("...md,mkd->...mk", sub, self.unit_codebooks())
 
   def soft_quantize(self, features):
     """Differentiable reconstruction: softmax-weighted codewords, [..., D]."""
     weights = jax.nn.softmax(self.similarities(features) / self.temperature, axis=-1)
-    quantized = jnp.einsum("...mk,mkd->...md", weights, _unit(self.codebooks[...]))
+    quantized = jnp.einsum("...mk,mkd->...md", weights, self.unit_codebooks())
     return quantized.reshape(*features.shape[:-1], -1)
 
   def encode(self, features):
@@ -59,21 +64,5 @@ class ProductQuantizer(nnx.Module):
 
   def decode(self, codes):
     """Codes [..., M] -> reconstructed vectors [..., D] (unit codewords)."""
-    words = _unit(self.codebooks[...])[jnp.arange(self.num_codebooks), codes]
+    words = self.unit_codebooks()[jnp.arange(self.num_codebooks), codes]
     return words.reshape(*codes.shape[:-1], -1)
-
-  def lookup_tables(self, queries):
-    """Asymmetric-distance tables [Q, M, K]: <query sub-vector m, codeword k>.
-
-    The score of a database item with codes c is sum_m table[m, c_m], which
-    equals the dot product of the query with `decode(c)` (tested), but costs
-    M lookups instead of D multiplications.
-    """
-    sub = self.split(queries.astype(jnp.float32))
-    return jnp.einsum("qmd,mkd->qmk", sub, _unit(self.codebooks[...]))
-
-
-def adc_scores(tables, codes):
-  """Scores [Q, N] of Q queries against N coded items, from `lookup_tables`."""
-  m = jnp.arange(codes.shape[1])
-  return jnp.sum(tables[:, m[None, :], codes], axis=-1)

@@ -19,9 +19,18 @@ from histojax.objectives.contrastive import cross_quantized_contrastive_loss
 
 
 class SPQNet(nnx.Module):
+  """Embedder + quantiser. `codebooks` and `pq_metric` are the PQ hook that
+  `histojax.export` reads to store the gallery as codes."""
+
+  pq_metric = "dot_product"
+
   def __init__(self, embedder: nnx.Module, quantizer: ProductQuantizer):
     self.embedder = embedder
     self.quantizer = quantizer
+
+  @property
+  def codebooks(self):
+    return self.quantizer.unit_codebooks()
 
   def __call__(self, images):
     return self.embedder(images)
