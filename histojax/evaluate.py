@@ -146,11 +146,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
 
   k = max(ev.ks)
   idx, _ = build_or_reuse_index(config, workdir, gallery, k)
-  keys = exclusion_keys(gallery, query, query_split == gallery_split, ev.exclude_same_source)
-  neighbors, scores = retrieve(idx, query, k, keys)
   class_names = gallery.manifest.get("class_names") or [str(c) for c in range(int(gallery.label.max()) + 1)]
-  results = metrics.retrieval_metrics(neighbors, gallery.label, query.label, ev.ks, query.source_id, class_names)
-  results.update(pair_metrics(gallery, query, config.seed))
+  # A dataset with one class (pair_query's unlabelled patches) has no labels to
+  # score retrieval against: only the pair task is reported for it.
+  labelled = len(class_names) > 1
+  results, neighbors, scores = {}, None, None
+  if labelled:
+    keys = exclusion_keys(gallery, query, query_split == gallery_split, ev.exclude_same_source)
+    neighbors, scores = retrieve(idx, query, k, keys)
+    results = metrics.retrieval_metrics(neighbors, gallery.label, query.label, ev.ks, query.source_id,
+                                        class_names)
+    results.update(pair_metrics(gallery, query, config.seed))
   decisions = None
   task_pairs = dataset_pairs(config)
   if task_pairs is not None:
@@ -166,7 +172,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
     write_metrics(workdir / "eval" / "metrics.json", results)
     if decisions is not None:
       write_pair_answers(workdir / "eval" / "pair_answers.csv", decisions)
-    draw_report(config, workdir / "eval", results, gallery, query, neighbors, scores, class_names, k)
+    if labelled:
+      draw_report(config, workdir / "eval", results, gallery, query, neighbors, scores, class_names, k)
     print(format_table(results))
   return results
 
@@ -245,8 +252,10 @@ def format_table(results: dict) -> str:
   head = f"{'metric':<22}" + "".join(f"{'@' + str(k):>9}" for k in ks)
   lines = [f"retrieval at step {results['step']}: {results['num_query']} queries ({results['query_split']}) "
            f"against {results['num_gallery']} gallery patches ({results['gallery_split']}), "
-           f"index {results['index_mode']}", head, "-" * len(head)]
-  lines += [f"{name:<22}" + "".join(f"{v:>9.4f}" for v in values) for name, _, values in rows]
+           f"index {results['index_mode']}"]
+  if rows:
+    lines += [head, "-" * len(head)]
+    lines += [f"{name:<22}" + "".join(f"{v:>9.4f}" for v in values) for name, _, values in rows]
   if "pair_c_index" in results:
     threshold = results["pair_threshold"]
     lines.append(f"pairs: c-index {results['pair_c_index']:.4f} at threshold "
