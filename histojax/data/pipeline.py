@@ -15,6 +15,7 @@ import grain
 import numpy as np
 import PIL.Image
 
+from histojax import preemption
 from histojax.data import augment, samplers
 
 
@@ -65,7 +66,10 @@ def train_dataset(source, labels: np.ndarray, input_config, seed: int,
 def _iterate(ds: grain.MapDataset, cfg) -> grain.IterDataset:
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, cfg.prefetch), prefetch_buffer_size=cfg.prefetch))
   if cfg.num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    # Workers ignore SIGTERM so a preemption signal sent to the whole process
+    # group leaves the pipeline alive until the main process has saved.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers),
+                        worker_init_fn=preemption.shield_worker)
   return it
 
 
