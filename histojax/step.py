@@ -36,20 +36,38 @@ class Trainer:
   state_sharding: Any = None  # where the state lives (replicated, or split over fsdp)
 
 
-def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
-  """Builds model and optimizer; returns the static half and the state, laid out by `mesh.rules`.
-
-  The state is initialised under jit straight into its sharding, so no
-  device (or host) ever holds an unsharded copy of a large model.
-  """
+def _builder(config: ml_collections.ConfigDict):
+  """A function that builds (model, optimizer) from the config, and the lr schedule."""
   tx, lr = optim.make_optimizer(config.optimizer, config.total_steps)
 
   def build():
     model = models.build_model(config.model, seed=config.seed)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
+  return build, lr
+
+
+def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
+  """(graphdef, state as ShapeDtypeStructs carrying their shardings): the layout, no arrays.
+
+  Enough to restore a checkpoint into, or to inspect what `mesh.rules` do.
+  """
+  build, _ = _builder(config)
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
   shardings = sharding_lib.state_shardings(abstract, mesh, config.mesh)
+  return graphdef, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
+  """Builds model and optimizer; returns the static half and the state, laid out by `mesh.rules`.
+
+  The state is initialised under jit straight into its sharding, so no
+  device (or host) ever holds an unsharded copy of a large model.
+  """
+  build, lr = _builder(config)
+  graphdef, abstract = abstract_state(config, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
   loss_fn = objectives.OBJECTIVES.get(config.objective.name)(config.objective)
   return Trainer(graphdef, loss_fn, lr, mesh, shardings), state

@@ -1,0 +1,132 @@
+"""Multi-process training on localhost: the same numbers as one process, and preemption.
+
+Every job here is the real command line (`python -m histojax.train ...`),
+started once per process as on a pod, with 127.0.0.1 as coordinator.
+"""
+
+import os
+import signal
+
+import jax
+import numpy as np
+
+from histojax import checkpoint, train
+from histojax import mesh as mesh_lib
+from histojax import step as step_lib
+from tests import multiprocess
+from tests.conftest import tiny_config
+
+# Short runs of the quickstart's tiny variant; evaluation is covered elsewhere.
+QUICK = {"eval.at_end": False, "log_every": 1}
+
+
+def _config(data_dir, overrides):
+  config = tiny_config(data_dir)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def _restore(config, workdir, step=None):
+  """(state as numpy, data state) of a checkpoint, restored onto this process's 8 devices."""
+  mngr = checkpoint.manager(workdir, config.checkpoint)
+  _, like = step_lib.create(config, mesh_lib.make_mesh(config.mesh))
+  step = mngr.latest_step() if step is None else step
+  state, data_state = checkpoint.restore(mngr, step, like)
+  mngr.close()
+  return jax.tree.map(np.asarray, state), data_state
+
+
+def _max_abs_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_two_processes_train_like_one(tmp_path, tiny_data_dir, record_property):
+  """2 processes x 4 devices == 1 process x 8 devices: losses and final state."""
+  job = multiprocess.launch(multiprocess.train_command(tmp_path / "2x4", tiny_data_dir, QUICK),
+                            num_processes=2, devices_per_process=4, log_dir=tmp_path / "logs")
+  assert job.wait() == [0, 0], job.tails()
+
+  config = _config(tiny_data_dir, QUICK)
+  train.train_and_evaluate(config, tmp_path / "1x8")
+
+  two = multiprocess.logged_steps(tmp_path / "2x4")
+  one = multiprocess.logged_steps(tmp_path / "1x8")
+  assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
+  losses2, losses1 = [r["loss"] for r in two], [r["loss"] for r in one]
+  np.testing.assert_allclose(losses2, losses1, rtol=1e-5)
+  assert len(set(losses1)) == 4  # training moved: the comparison is not between constants
+
+  state2, data2 = _restore(config, tmp_path / "2x4")
+  state1, data1 = _restore(config, tmp_path / "1x8")
+  # Each process read half of every global batch; the saved position is the global one.
+  assert data2 == data1 == {"next_index": 4}
+  assert int(state2[1]["step"]) == 4
+  diff = _max_abs_diff(state2, state1)
+  record_property("final_loss_2x4", losses2[-1])
+  record_property("final_loss_1x8", losses1[-1])
+  record_property("max_state_diff", diff)
+  # Gloo sums gradients across processes in another order than one process does;
+  # AdamW divides by sqrt(v) and turns that last-bit noise in near-zero gradients
+  # into parameter differences of a few 1e-6. Adam moves a weight by at most
+  # ~lr per step: 3 updates at lr <= 2e-3 (the first has lr 0) make 6e-3, so
+  # 2e-5 is a third of a percent of the largest possible change.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state2), jax.tree.leaves(state1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigterm_to_one_process_stops_all_with_a_checkpoint(tmp_path, tiny_data_dir):
+  """SIGTERM reaches one worker of a 2-process FSDP job: both save the same step and exit 0;
+  a single process with a replicated layout resumes from it."""
+  overrides = {**QUICK, "total_steps": 10_000, "checkpoint.every_steps": 10_000,
+               "mesh.fsdp": 2, "mesh.fsdp_min_size": 0}
+  workdir = tmp_path / "run"
+  job = multiprocess.launch(multiprocess.train_command(workdir, tiny_data_dir, overrides),
+                            num_processes=2, devices_per_process=4, log_dir=tmp_path / "logs")
+  multiprocess.wait_for_step(job, workdir, 2)
+  job.procs[1].send_signal(signal.SIGTERM)
+  assert job.wait() == [0, 0], job.tails()
+
+  saved = checkpoint.manager(workdir, _config(tiny_data_dir, overrides).checkpoint).all_steps()
+  assert len(saved) == 1, saved
+  stop = saved[0]
+  assert 2 < stop < 10_000
+  assert multiprocess.logged_steps(workdir)[-1]["step"] == stop
+  assert "stopped at step %d (SIGTERM)" % stop in job.logs[0].read_text()
+
+  # Resume on one process, 8 devices, parameters replicated: Orbax re-lays the shards.
+  config = _config(tiny_data_dir, {**overrides, "mesh.fsdp": 1})
+  state, data_state = _restore(config, workdir, stop)
+  assert int(state[1]["step"]) == stop and data_state == {"next_index": stop}
+  assert train.train_and_evaluate(config, workdir, stop_at=stop + 1) == {}
+  resumed, data_state = _restore(config, workdir, stop + 1)
+  assert int(resumed[1]["step"]) == stop + 1 and data_state == {"next_index": stop + 1}
+  assert multiprocess.logged_steps(workdir)[-1]["step"] == stop + 1
+
+
+def test_sigterm_to_process_group_leaves_restorable_checkpoint(tmp_path, tiny_data_dir):
+  """One process with a Grain worker; SIGTERM to the whole group, as a VM shutdown sends it."""
+  overrides = {**QUICK, "total_steps": 10_000, "checkpoint.every_steps": 10_000,
+               "input.num_workers": 1}
+  workdir = tmp_path / "run"
+  job = multiprocess.launch(multiprocess.train_command(workdir, tiny_data_dir, overrides),
+                            num_processes=1, devices_per_process=8, log_dir=tmp_path / "logs",
+                            new_session=True)
+  multiprocess.wait_for_step(job, workdir, 2)
+  os.killpg(job.procs[0].pid, signal.SIGTERM)
+  assert job.wait() == [0], job.tails()
+
+  config = _config(tiny_data_dir, overrides)
+  mngr = checkpoint.manager(workdir, config.checkpoint)
+  saved = mngr.all_steps()
+  mngr.close()
+  assert len(saved) == 1 and saved[0] >= 2, saved
+  state, data_state = _restore(config, workdir, saved[0])
+  assert int(state[1]["step"]) == saved[0] and data_state == {"next_index": saved[0]}
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state[0]))
+
