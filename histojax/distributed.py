@@ -27,6 +27,8 @@ from pathlib import Path
 import jax
 
 MODES = ("auto", "on", "off")
+# What srun sets in each of its tasks: the variables JAX's own SLURM detection reads.
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 # TPU chips on the PCI bus: Google's vendor id and the chips' device ids (v3 .. 7x),
 # as JAX itself checks them. The vendor id alone would also match gVNIC network
 # cards on ordinary GCE VMs.
@@ -100,7 +102,7 @@ def detect(mode: str, coordinator_address=None, num_processes=None, process_id=N
     return "requested (--distributed=on)"
   if tpu_chips_attached():
     return "Cloud TPU VM"
-  if "SLURM_STEP_ID" in env and _env_int(env, "SLURM_NTASKS", 1) > 1:
+  if all(k in env for k in _SLURM_STEP) and _env_int(env, "SLURM_NTASKS", 1) > 1:
     return "SLURM job step"
   if "OMPI_MCA_orte_hnp_uri" in env and _env_int(env, "OMPI_COMM_WORLD_SIZE", 1) > 1:
     return "Open MPI"
