@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import tempfile
 
 import ml_collections
 import numpy as np
 from etils import epath
+
+from histojax import fileio
 
 BRUTE_FORCE_BELOW = 20_000
 MODES = ("auto", "exact", "brute_force", "ah", "tree_ah")
@@ -111,7 +112,8 @@ def save(index: Index, directory: epath.PathLike, manifest: dict) -> None:
   """Writes searcher, gallery and manifest; replaces an older index whole.
 
   ScaNN serialises to a local folder, so the index is assembled in a local
-  temporary folder and copied into place, then swapped in by renaming.
+  temporary folder and copied into place (any epath location: a local
+  folder, gs://...), then swapped in by renaming.
   """
   directory = epath.Path(directory)
   with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +126,7 @@ def save(index: Index, directory: epath.PathLike, manifest: dict) -> None:
     staging = directory.parent / f".{directory.name}.partial"
     if staging.exists():
       staging.rmtree()
-    shutil.copytree(tmp, staging)
+    fileio.copy_tree(tmp, staging)
     if directory.exists():
       directory.rmtree()
     staging.rename(directory)
@@ -136,9 +138,11 @@ def load(directory: epath.PathLike) -> tuple[Index, dict]:
   if not manifest_path.exists():
     raise FileNotFoundError(f"{directory} is not an index: it has no manifest.json")
   manifest = json.loads(manifest_path.read_text())
-  gallery = np.load(directory / "gallery.npy")
+  with (directory / "gallery.npy").open("rb") as f:
+    gallery = np.load(f)
   searcher = None
   if manifest["mode"] != "exact":
     import scann
-    searcher = scann.scann_ops_pybind.load_searcher(str(directory / "scann"))
+    with fileio.local_copy(directory / "scann") as local:  # ScaNN reads local folders only
+      searcher = scann.scann_ops_pybind.load_searcher(str(local))
   return Index(manifest["mode"], gallery, searcher), manifest
