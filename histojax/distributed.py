@@ -1,4 +1,4 @@
-"""Multi-process start-up and the few things only one process may do.
+"""Multi-process start-up: one command, run by every process of the job.
 
 Every process of a run executes the same command; JAX's multi-controller
 runtime joins them into one job whose mesh spans all their devices. A run is
@@ -139,18 +139,6 @@ def _env_int(environ, name: str, default: int | None = None) -> int | None:
     return int(value)
   except ValueError:
     raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def is_primary() -> bool:
-  """Process 0 writes the files that exist once per run (config, reports, index)."""
-  return jax.process_index() == 0
-
-
-def barrier(name: str) -> None:
-  """All processes wait here (no-op for one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def describe() -> str:

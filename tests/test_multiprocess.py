@@ -129,6 +129,8 @@ def test_sigterm_to_process_group_leaves_restorable_checkpoint(tmp_path, tiny_da
   stop = saved[1]
   assert multiprocess.logged_steps(workdir)[-1]["step"] == stop
   state, data_state = _restore(config, workdir, stop)
-  assert int(state[1]["step"]) == stop and data_state == {"next_index": stop}
+  assert int(state[1]["step"]) == stop
+  # Behind a Grain worker the iterator state nests the worker's own position.
+  assert data_state["iterators_in_use_states"] == [{"next_index": stop}], data_state
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state[0]))
 
