@@ -74,16 +74,19 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.
 
 
 def gather_model(trainer: Trainer, state: nnx.State) -> nnx.State:
-  """State with the model's arrays whole on every device (FSDP's all-gather).
+  """State with everything but the optimizer whole on every device (FSDP's all-gather).
 
   Inside a jitted step this tells XLA to gather split weights right before
   the forward pass and to reduce gradients back to shards; with a replicated
-  state it is a no-op.
+  state it is a no-op. The optimizer's moments (entry 1) stay split: the
+  update runs shard by shard.
   """
   if trainer.state_sharding is None:
     return state
-  model_layout = sharding_lib.compute_shardings(trainer.state_sharding[0])
-  return nnx.State({0: jax.lax.with_sharding_constraint(state[0], model_layout), 1: state[1]})
+  return nnx.State({
+      key: value if key == 1 else jax.lax.with_sharding_constraint(
+          value, sharding_lib.compute_shardings(trainer.state_sharding[key]))
+      for key, value in state.items()})
 
 
 def step_of(state: nnx.State) -> int:
