@@ -63,10 +63,13 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     return reason
   env = os.environ if environ is None else environ
   explicit = explicit_args(coordinator_address, num_processes, process_id, env)
-  if explicit:
-    jax.distributed.initialize(**explicit)
-  else:
-    jax.distributed.initialize()
+  try:
+    jax.distributed.initialize(**explicit)  # {}: JAX detects the cluster itself
+  except (RuntimeError, ValueError) as e:
+    raise RuntimeError(
+        f"joining the multi-process job failed (detected: {reason}): {e}. Pass --distributed=off "
+        f"to run as a single process, or give --coordinator_address, --num_processes and "
+        f"--process_id.") from e
   return reason
 
 

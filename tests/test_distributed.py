@@ -70,6 +70,15 @@ def test_initialize_calls_jax_only_when_multi_process(no_tpu, monkeypatch):
   assert calls[-1] == {"coordinator_address": "10.0.0.1:99", "num_processes": 2, "process_id": 1}
 
 
+def test_failed_start_up_says_what_was_detected_and_the_way_out(no_tpu, monkeypatch):
+  def refuse(**kw):
+    raise ValueError("coordinator_address should be defined.")
+  monkeypatch.setattr(jax.distributed, "initialize", refuse)
+  with pytest.raises(RuntimeError, match=r"detected: SLURM job step\): coordinator_address should be "
+                                         r"defined\. Pass --distributed=off"):
+    distributed.initialize("auto", environ=SLURM)
+
+
 def _pci(root, name, vendor, device):
   d = root / name
   d.mkdir()
