@@ -67,7 +67,8 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     jax.distributed.initialize(**explicit)  # {}: JAX detects the cluster itself
   except (RuntimeError, ValueError) as e:
     raise RuntimeError(
-        f"joining the multi-process job failed (detected: {reason}): {e}. Pass --distributed=off "
+        f"joining the multi-process job failed (detected: {reason}): {str(e).rstrip('.')}. "
+        f"Pass --distributed=off "
         f"to run as a single process, or give --coordinator_address, --num_processes and "
         f"--process_id.") from e
   return reason
