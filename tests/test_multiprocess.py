@@ -6,6 +6,8 @@ started once per process as on a pod, with 127.0.0.1 as coordinator.
 
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -134,3 +136,31 @@ def test_sigterm_to_process_group_leaves_restorable_checkpoint(tmp_path, tiny_da
   assert data_state["iterators_in_use_states"] == [{"next_index": stop}], data_state
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state[0]))
 
+
+
+
+_CHECK = r"""
+import sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from histojax import checkpoint
+checkpoint.check_same_on_every_process({"next_index": 5})
+print("same state: accepted", flush=True)
+try:
+  checkpoint.check_same_on_every_process({"next_index": 5 + jax.process_index()})
+except AssertionError as e:
+  print("different states: refused:", e, flush=True)
+"""
+
+
+def test_iterator_states_are_compared_across_processes():
+  """Only process 0's iterator JSON is saved; a save refuses when the processes disagree."""
+  address = f"127.0.0.1:{multiprocess.free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-c", _CHECK, address, str(i)], cwd=multiprocess.REPO,
+                            env=multiprocess.env_with_devices(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out
+    assert "same state: accepted" in out, out
+    assert "different states: refused: data iterator state differs between processes" in out, out
