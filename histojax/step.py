@@ -62,13 +62,17 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
 def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
   """Builds model and optimizer; returns the static half and the state, laid out by `mesh.rules`.
 
-  The state is initialised under jit straight into its sharding, so no
-  device (or host) ever holds an unsharded copy of a large model.
+  Initialised eagerly, then placed: every process computes the same values
+  from the seed and keeps its shards. (Initialising under jit straight into
+  the sharding would skip the one-device copy, but XLA's fused initialisers
+  differ from eager ones in the last bit, which changes every published
+  result; the models here fit one device many times over.)
   """
   build, lr = _builder(config)
   graphdef, abstract = abstract_state(config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+  _, state = nnx.split(build())
+  state = jax.device_put(state, shardings)
   loss_fn = objectives.OBJECTIVES.get(config.objective.name)(config.objective)
   return Trainer(graphdef, loss_fn, lr, mesh, shardings), state
 

@@ -2,7 +2,7 @@
 # Create a Cloud TPU VM (single host or pod slice), directly or as a queued resource.
 #
 #   launch/tpu_create.sh --name hj-v4-32 --zone us-central2-b --accelerator-type v4-32 \
-#       --runtime-version tpu-ubuntu2204-base [--project P] [--queued] [--spot] [--dry-run]
+#       --runtime-version tpu-ubuntu2204-base [--project P] [--queued [--poll-seconds 30]] [--spot] [--dry-run]
 #
 # --queued asks for a queued resource (the way to get large or spot slices) and
 # waits until it is ACTIVE; without it, `tpu-vm create` returns when the VM is up.
