@@ -15,6 +15,7 @@ import grain
 import numpy as np
 import PIL.Image
 
+from histojax import preemption
 from histojax.data import augment, samplers
 
 
@@ -36,11 +37,22 @@ class _Read(grain.transforms.Map):
 
 
 @dataclasses.dataclass(frozen=True)
-class _TrainView(grain.transforms.RandomMap):
+class _TrainView(grain.transforms.MapWithIndex):
+  """Random crop (+ dihedral), seeded by the element's global stream position.
+
+  Grain's `random_map` would seed by the process-local index, so a 2-process
+  run would crop differently from a 1-process run. The generator here is the
+  one `random_map` builds (Philox(seed), counter on the index), keyed on the
+  global position instead: one process reproduces `random_map` exactly.
+  """
   image_size: int
   flip_rot90: bool
+  seed: int
+  order: grain.MapDataset  # the sampler order, for `position`
 
-  def random_map(self, example, rng: np.random.Generator):
+  def map_with_index(self, index: int, example):
+    position = self.order.position(index)
+    rng = np.random.Generator(np.random.Philox(self.seed, counter=[0, 0, 0, position]))
     image = augment.random_crop(example["image"], self.image_size, rng)
     if self.flip_rot90:
       image = augment.random_dihedral(image, rng)
@@ -57,7 +69,7 @@ def train_dataset(source, labels: np.ndarray, input_config, seed: int,
   else:
     order = samplers.ShuffledOrder(len(labels), cfg.batch_size, seed, **process)
   ds = (order.map(_Read(source))
-        .random_map(_TrainView(cfg.image_size, cfg.flip_rot90), seed=seed)
+        .map_with_index(_TrainView(cfg.image_size, cfg.flip_rot90, seed, order))
         .batch(cfg.batch_size // process_count, drop_remainder=True))
   return _iterate(ds, cfg)
 
@@ -65,7 +77,10 @@ def train_dataset(source, labels: np.ndarray, input_config, seed: int,
 def _iterate(ds: grain.MapDataset, cfg) -> grain.IterDataset:
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, cfg.prefetch), prefetch_buffer_size=cfg.prefetch))
   if cfg.num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    # Workers ignore SIGTERM so a preemption signal sent to the whole process
+    # group leaves the pipeline alive until the main process has saved.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers),
+                        worker_init_fn=preemption.shield_worker)
   return it
 
 
