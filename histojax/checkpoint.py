@@ -8,10 +8,13 @@ host before `save` returns, so donating the state to the next step is safe.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -25,9 +28,34 @@ def manager(workdir: epath.PathLike, cfg: ml_collections.ConfigDict) -> ocp.Chec
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
-  """Saves if `step` is on the interval (or `force`); returns whether it did."""
+  """Saves if `step` is on the interval (or `force`); returns whether it did.
+
+  Every process calls this at every step (Orbax writes each process's shards
+  of the state; the JSON is written by process 0 alone).
+  """
+  if not (force or mngr.should_save(step)):
+    return False
+  check_same_on_every_process(data_state)
   return mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def check_same_on_every_process(data_state: dict) -> None:
+  """Fails unless every process holds the same data-iterator state.
+
+  Only process 0's JSON is saved. That is right because each process derives
+  its share of every global batch from (seed, epoch, position) alone
+  (data/samplers.py), so all iterator states are equal; this check keeps it
+  right if a pipeline ever grows per-process state. One tiny all-gather per
+  checkpoint.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  digest = hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest()
+  multihost_utils.assert_equal(np.frombuffer(digest, np.uint8),
+                               "data iterator state differs between processes; resuming would "
+                               "replay a different stream on some of them")
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, like_state: Any) -> tuple[Any, dict]:

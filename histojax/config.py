@@ -12,7 +12,7 @@ import json
 import ml_collections
 from etils import epath
 
-from histojax import models, objectives, optim
+from histojax import models, objectives, optim, sharding
 from histojax.data import colour
 
 
@@ -67,7 +67,11 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
   c.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1 takes all
+  c.mesh.data = -1  # devices on the data axis; -1 takes the devices fsdp leaves
+  c.mesh.fsdp = 1  # devices that split params + optimizer state (FSDP); 1 replicates; -1 takes all
+  # (regex on the state path, "fsdp" | "replicate"), first match wins; see histojax/sharding.py.
+  c.mesh.rules = ((".*", "fsdp"),)
+  c.mesh.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated (not worth a gather)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
@@ -119,6 +123,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   objectives.OBJECTIVES.get(config.objective.name)
   from histojax import index  # noqa: PLC0415  (index knobs fail here, before training, not at eval)
   index.IndexConfig.from_config(config.eval.index)
+  sharding.compile_rules(config.mesh)
 
 
 def parse_variants(arg: str | None, known: dict[str, tuple]) -> dict[str, str | bool]:
@@ -192,5 +197,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     if isinstance(value, dict):
       flat.update(_flatten(value, f"{prefix}{key}."))
     else:
-      flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+      flat[f"{prefix}{key}"] = _tuples(value)
   return flat
+
+
+def _tuples(value):
+  """JSON lists back to the tuples they were (nested, e.g. mesh.rules)."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, export, index, metrics, monitor, pairs, report
+from histojax import checkpoint, distributed, export, index, metrics, monitor, pairs, report
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
@@ -272,6 +272,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
+  distributed.initialize_from_flags()  # on a pod, every worker runs this same command
   monitor.quiet_libraries()
   workdir = epath.Path(FLAGS.workdir)
   if not (workdir / "config.json").exists():
@@ -290,4 +291,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default the latest.")
   flags.DEFINE_string("gallery", None, "Gallery split; default config.dataset.gallery_split.")
   flags.DEFINE_string("query", None, "Query split; default config.dataset.query_split.")
+  distributed.define_flags()
   app.run(main)

@@ -33,13 +33,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import tempfile
 
 import numpy as np
 from etils import epath
 
-from histojax import pq
+from histojax import fileio, pq
 
 MODES = ("auto", "exact", "brute_force", "ah", "tree_ah", "adc")
 REORDER_DTYPES = ("float32", "bfloat16", "int8")
@@ -294,7 +293,8 @@ def save(index: Index, directory: epath.PathLike, manifest: dict, rows: dict[str
 
   `rows` holds per-row arrays (label, source_id, coords) that answers name.
   ScaNN serialises to a local folder, so the index is assembled in a local
-  temporary folder, copied next to its destination, then renamed into place.
+  temporary folder, copied next to its destination (any epath location: a
+  local folder, gs://...), then renamed into place.
   """
   directory = epath.Path(directory)
   manifest = {**manifest, "format_version": FORMAT_VERSION, "mode": index.mode, "params": index.params,
@@ -317,9 +317,7 @@ def save(index: Index, directory: epath.PathLike, manifest: dict, rows: dict[str
     if staging.exists():
       staging.rmtree()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging.mkdir()  # made here, not copied: the temporary folder's 0700 mode stays behind
-    for item in tmp.iterdir():
-      (shutil.copytree if item.is_dir() else shutil.copy)(item, staging / item.name)
+    fileio.copy_tree(tmp, staging)
     if directory.exists():
       directory.rmtree()
     staging.rename(directory)
@@ -347,14 +345,20 @@ def load(directory: epath.PathLike) -> tuple[Index, dict]:
   mode = manifest["mode"]
   gallery = codes = codebooks = searcher = None
   if mode == "adc":
-    codes, codebooks = np.load(directory / "codes.npy"), np.load(directory / "codebooks.npy")
+    codes, codebooks = _load_npy(directory / "codes.npy"), _load_npy(directory / "codebooks.npy")
   elif mode == "exact":
-    gallery = np.load(directory / "gallery.npy")
+    gallery = _load_npy(directory / "gallery.npy")
   else:
     import scann
-    searcher = scann.scann_ops_pybind.load_searcher(str(directory / "scann"))
+    with fileio.local_copy(directory / "scann") as local:  # ScaNN reads local folders only
+      searcher = scann.scann_ops_pybind.load_searcher(str(local))
   return Index(mode, gallery, searcher, codes, codebooks, dict(manifest.get("params", {})),
                manifest["count"], manifest["dim"]), manifest
+
+
+def _load_npy(path: epath.Path) -> np.ndarray:
+  with path.open("rb") as f:  # through epath: gs:// too
+    return np.load(f)
 
 
 def load_rows(directory: epath.PathLike) -> dict[str, np.ndarray]:

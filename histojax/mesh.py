@@ -1,8 +1,10 @@
 """The device mesh and how arrays are laid out on it.
 
-Training is jit over a named mesh (not pmap): the batch is split along every
-mesh axis, the state is replicated, and XLA inserts the collectives that
-global-batch losses and batch norm need.
+Training is jit over a named mesh (not pmap) with two axes, `data` and
+`fsdp`: the batch is split along both, the state is replicated or split over
+`fsdp` by path rules (sharding.py), and XLA inserts the collectives that
+global-batch losses, batch norm and FSDP need. The mesh spans every device of
+every process, so the same config runs on 1 device and on a 256-chip pod.
 """
 
 from __future__ import annotations
@@ -12,20 +14,45 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+AXES = ("data", "fsdp")
+
+
+def axis_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes; one of them may be -1, meaning "the remaining devices"."""
+  data, fsdp = mesh_config.data, mesh_config.fsdp
+  for name, value in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+    if value == 0 or value < -1:
+      raise ValueError(f"{name} must be a positive device count or -1 (the rest), got {value}")
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh.data and mesh.fsdp are both -1; at most one axis can take the remaining devices")
+  if data == -1 or fsdp == -1:
+    fixed_name, fixed = ("mesh.fsdp", fsdp) if data == -1 else ("mesh.data", data)
+    if num_devices % fixed:
+      raise ValueError(f"{fixed_name}={fixed} does not divide the {num_devices} available devices")
+    rest = num_devices // fixed
+    return (rest, fsdp) if data == -1 else (data, rest)
+  if data * fsdp != num_devices:
+    raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, "
+                     f"but {num_devices} devices are available")
+  return data, fsdp
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh with one `data` axis over `devices` (default: all).
+  """Mesh with axes (`data`, `fsdp`) over `devices` (default: all, of all processes).
 
   Built with Auto axis types: `jax.make_mesh` defaults to Explicit axes in
-  this JAX, under which convolutions fail to propagate shardings.
+  this JAX, under which convolutions fail to propagate shardings. The device
+  grid comes from `create_device_mesh`, which on TPU follows the physical
+  torus so that `fsdp` (the chattier axis, last) maps to nearby chips.
   """
   devices = list(jax.devices() if devices is None else devices)
-  size = len(devices) if mesh_config.data == -1 else mesh_config.data
-  if size != len(devices):
-    raise ValueError(f"mesh.data={mesh_config.data} but {len(devices)} devices are available")
-  return Mesh(np.asarray(devices).reshape(size), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  shape = axis_sizes(mesh_config, len(devices))
+  grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -41,7 +68,9 @@ def local_batch_size(global_batch: int, mesh: Mesh, field: str = "input.batch_si
   """This process's share of a global batch; fails early if it does not divide."""
   n_dev = mesh.size
   if global_batch % n_dev:
-    raise ValueError(f"{field}={global_batch} does not divide over {n_dev} devices")
+    layout = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    raise ValueError(f"{field}={global_batch} does not divide over {n_dev} devices (mesh {layout}); "
+                     f"use a multiple of {n_dev}")
   return global_batch // jax.process_count()
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from histojax import fileio
+
 
 def info(message: str, *args) -> None:
   """A line for the person running the job (process 0 only), kept clear of the bar.
@@ -33,6 +35,43 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+class JsonLines:
+  """A JSON-lines file that grows across runs (a resumed run adds to it).
+
+  On a local disk rows are appended and flushed one by one. Object stores
+  (gs://) cannot append, so there the file is rewritten whole: at most every
+  `rewrite_seconds`, and at `close`.
+  """
+
+  def __init__(self, path: epath.Path, rewrite_seconds: float = 60.0):
+    self._path, self._rewrite_seconds = path, rewrite_seconds
+    self._file = path.open("a") if fileio.is_local(path) else None
+    self._lines = []  # object store only: every row, earlier runs' included
+    if self._file is None and path.exists():
+      self._lines = path.read_text().splitlines(keepends=True)
+    self._written = time.monotonic()
+
+  def append(self, row: dict) -> None:
+    line = json.dumps(row) + "\n"
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+      return
+    self._lines.append(line)
+    if time.monotonic() - self._written >= self._rewrite_seconds:
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    self._path.write_text("".join(self._lines))
+    self._written = time.monotonic()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    else:
+      self._rewrite()
+
+
 class Monitor:
   def __init__(self, workdir: epath.PathLike, total_steps: int, first_step: int):
     self.enabled = jax.process_index() == 0
@@ -40,9 +79,9 @@ class Monitor:
                           disable=not self.enabled, desc="train")
     self._writer = self._jsonl = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # event files without TensorFlow
+      from tensorboardX import SummaryWriter  # event files without TensorFlow (gs:// too)
       self._writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
-      self._jsonl = (epath.Path(workdir) / "train_metrics.jsonl").open("a")
+      self._jsonl = JsonLines(epath.Path(workdir) / "train_metrics.jsonl")
     self._last = (first_step, time.perf_counter())
 
   def advance(self, step: int) -> None:
@@ -60,8 +99,7 @@ class Monitor:
       return
     for name, value in scalars.items():
       self._writer.add_scalar(name, value, step)
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append({"step": step, **scalars})
     self._bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
 
   def close(self) -> None:

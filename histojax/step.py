@@ -3,7 +3,10 @@
 The state is one pytree, `nnx.State` of (model, optimizer): parameters, batch
 statistics, optimizer moments and the step counter. Steps are pure functions
 `(state, batch, rng) -> (state, metrics)`, jitted over the mesh with the state
-donated, so a step never holds two copies of the weights.
+donated, so a step never holds two copies of the weights. The state is laid
+out by `mesh.rules` (replicated, or split over `fsdp`); steps gather the
+model's weights before computing with them, so the math does not depend on
+the layout.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from jax.sharding import Mesh
 
 from histojax import mesh as mesh_lib
 from histojax import objectives, optim
+from histojax import sharding as sharding_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +33,68 @@ class Trainer:
   objective: objectives.Objective
   lr_schedule: optax.Schedule
   mesh: Mesh
+  state_sharding: Any = None  # where the state lives (replicated, or split over fsdp)
+
+
+def _builder(config: ml_collections.ConfigDict):
+  """(objective, a function building (model, optimizer), lr schedule) from the config.
+
+  The objective decides the module tree (BYOL: online + target) and what the
+  optimizer trains.
+  """
+  objective = objectives.build(config)
+  tx, lr = optim.make_optimizer(config.optimizer, config.total_steps)
+
+  def build():
+    model = objective.build_model(config.seed)
+    return model, nnx.Optimizer(model, tx, wrt=objective.trainable)
+
+  return objective, build, lr
+
+
+def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
+  """(graphdef, state as ShapeDtypeStructs carrying their shardings): the layout, no arrays.
+
+  Enough to restore a checkpoint into, or to inspect what `mesh.rules` do.
+  """
+  _, build, _ = _builder(config)
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  shardings = sharding_lib.state_shardings(abstract, mesh, config.mesh)
+  return graphdef, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
-  """Builds model and optimizer; returns the static half and the replicated state."""
-  objective = objectives.build(config)
-  model = objective.build_model(config.seed)
-  tx, lr = optim.make_optimizer(config.optimizer, config.total_steps)
-  optimizer = nnx.Optimizer(model, tx, wrt=objective.trainable)
-  graphdef, state = nnx.split((model, optimizer))
-  state = jax.device_put(state, mesh_lib.replicated(mesh))
-  return Trainer(graphdef, objective, lr, mesh), state
+  """Builds model and optimizer; returns the static half and the state, laid out by `mesh.rules`.
+
+  Initialised eagerly, then placed: every process computes the same values
+  from the seed and keeps its shards. (Initialising under jit straight into
+  the sharding would skip the one-device copy, but XLA's fused initialisers
+  differ from eager ones in the last bit, which changes every published
+  result; the models here fit one device many times over.)
+  """
+  objective, build, lr = _builder(config)
+  graphdef, abstract = abstract_state(config, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  _, state = nnx.split(build())
+  state = jax.device_put(state, shardings)
+  return Trainer(graphdef, objective, lr, mesh, shardings), state
+
+
+def gather_model(trainer: Trainer, state: nnx.State) -> nnx.State:
+  """State with everything but the optimizer whole on every device (FSDP's all-gather).
+
+  Inside a jitted step this tells XLA to gather split weights right before
+  the forward pass and to reduce gradients back to shards; with a replicated
+  state it is a no-op. The optimizer's moments (entry 1) stay split: the
+  update runs shard by shard.
+  """
+  if trainer.state_sharding is None:
+    return state
+  return nnx.State({
+      key: value if key == 1 else jax.lax.with_sharding_constraint(
+          value, sharding_lib.compute_shardings(trainer.state_sharding[key]))
+      for key, value in state.items()})
 
 
 def step_of(state: nnx.State) -> int:
@@ -53,7 +108,7 @@ def _global_norm(tree) -> jax.Array:
 
 def train_step(trainer: Trainer, state: nnx.State, batch: dict, rng: jax.Array):
   """One optimizer update; rng is folded with the step so replays are exact."""
-  model, optimizer = nnx.merge(trainer.graphdef, state)
+  model, optimizer = nnx.merge(trainer.graphdef, gather_model(trainer, state))
   model.train()
   step = optimizer.step[...]
   rng = jax.random.fold_in(rng, step)
@@ -78,7 +133,7 @@ def train_step(trainer: Trainer, state: nnx.State, batch: dict, rng: jax.Array):
 
 
 def jit_train_step(trainer: Trainer, state: nnx.State):
-  """`train_step` jitted over the mesh, state donated."""
+  """`train_step` jitted over the mesh, state donated; the state keeps its layout."""
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   return jax.jit(
       lambda s, b, r: train_step(trainer, s, b, r),
@@ -89,7 +144,7 @@ def jit_train_step(trainer: Trainer, state: nnx.State):
 
 def embed(trainer: Trainer, state: nnx.State, images: jax.Array) -> jax.Array:
   """Eval-mode embeddings (running batch statistics, no state change)."""
-  model, _ = nnx.merge(trainer.graphdef, state)
+  model, _ = nnx.merge(trainer.graphdef, gather_model(trainer, state))
   model.eval()
   return trainer.objective.embed(model, images)
 

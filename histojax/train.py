@@ -5,6 +5,11 @@
 `--config` takes `file.py[:variant]` and `--config.a.b=value` overrides.
 Running the same command again resumes from the latest checkpoint in the
 workdir; a finished run only reports (or, if missing, computes) its metrics.
+
+Multi-host: every process runs this same command (see histojax/distributed.py
+for how a multi-process run is detected) with a workdir all processes can
+reach, e.g. gs://bucket/run. SIGTERM (preemption) saves a checkpoint at the
+next step all processes agree on and exits with status 0; rerunning resumes.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, evaluate
+from histojax import checkpoint, distributed, evaluate, preemption
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import monitor as monitor_lib
+from histojax import sharding as sharding_lib
 from histojax import step as step_lib
 from histojax.data import pipeline, sources
 
@@ -30,8 +36,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   """Trains to `config.total_steps` (resuming if possible); returns eval metrics.
 
   `stop_at` ends this run early at that step, with a checkpoint, as a
-  preemption would; the schedule still follows `total_steps`, so a later run
-  continues exactly. Returns {} when evaluation is off or the run stopped early.
+  preemption (SIGTERM) does; the schedule still follows `total_steps`, so a
+  later run continues exactly. Returns {} when evaluation is off or the run
+  stopped early.
   """
   config_lib.validate(config)
   workdir = epath.Path(workdir)
@@ -44,6 +51,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     config_lib.save(config, workdir / "config.json")
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.local_batch_size(config.input.batch_size, mesh)
+  monitor_lib.info("%s; mesh %s", distributed.describe(), dict(mesh.shape))
   source = sources.open_split(config.dataset.name, config.dataset.train_split, config.dataset.data_dir)
   labels = sources.read_metadata(source)["label"]
   trainer, state = step_lib.create(config, mesh)
@@ -52,6 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                           jax.process_index(), jax.process_count(), views))
 
   # --- State: checkpoint in workdir, else config.init_from, else fresh --------
+  monitor_lib.info(sharding_lib.describe(state))
   mngr = checkpoint.manager(workdir, config.checkpoint)
   start = mngr.latest_step() or 0
   if mngr.latest_step() is not None:
@@ -74,21 +83,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       state, step_lib.batch_spec(config, views), jax.eval_shape(lambda: rng)).compile()
   monitor_lib.info(step_lib.compile_report(compiled))
 
-  # --- Loop -----------------------------------------------------------------
+  # --- Loop: a SIGTERM ends it after the current step, with a checkpoint -----
   last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
   mon = monitor_lib.Monitor(workdir, config.total_steps, start)
-  for step in range(start + 1, last + 1):
-    batch = mesh_lib.to_global(next(data_iter), mesh)
-    state, metrics = compiled(state, batch, rng)
-    if step % config.log_every == 0 or step == config.total_steps:
-      mon.log(step, jax.device_get(metrics))
-    mon.advance(step)
-    checkpoint.save(mngr, step, state, data_iter.get_state(), force=step == last)
-  mon.close()
-  mngr.wait_until_finished()
-  mngr.close()
+  preempted = False
+  with preemption.Watcher() as watcher:
+    for step in range(start + 1, last + 1):
+      batch = mesh_lib.to_global(next(data_iter), mesh)
+      state, metrics = compiled(state, batch, rng)
+      if step % config.log_every == 0 or step == config.total_steps:
+        mon.log(step, jax.device_get(metrics))
+      mon.advance(step)
+      preempted = watcher.reached(step)
+      checkpoint.save(mngr, step, state, data_iter.get_state(), force=step == last or preempted)
+      if preempted:
+        last = step
+        break
+    mon.close()
+    mngr.wait_until_finished()  # the preemption checkpoint is on disk before we exit
+    mngr.close()
 
-  if last < config.total_steps or not config.eval.at_end:
+  if preempted or last < config.total_steps:
+    monitor_lib.info("stopped at step %d (%s); checkpoint saved, rerun the same command to resume",
+                     last, "SIGTERM" if preempted else "stop_at")
+    return {}
+  if not config.eval.at_end:
     return {}
   return evaluate.evaluate(config, workdir, trainer, state, last)
 
@@ -112,13 +131,16 @@ if __name__ == "__main__":
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.", required=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go (any etils.epath path, "
+                      "e.g. gs://bucket/run; shared by all processes).", required=True)
+  distributed.define_flags()
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.config is None:
       raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
+    distributed.initialize_from_flags()  # before any JAX computation
     monitor_lib.quiet_libraries()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 

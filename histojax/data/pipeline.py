@@ -15,6 +15,7 @@ import grain
 import numpy as np
 import PIL.Image
 
+from histojax import preemption
 from histojax.data import augment, samplers
 
 
@@ -36,13 +37,20 @@ class _Read(grain.transforms.Map):
 
 
 @dataclasses.dataclass(frozen=True)
-class _TrainViews(grain.transforms.RandomMap):
+class _TrainViews(grain.transforms.MapWithIndex):
   """Host geometry: `views` independent crops (+ flips/rot90) of each patch.
 
   One view is stored as 'image'; two as 'view1' and 'view2' (BYOL, SPQ).
+  The generator is seeded by the element's *global* stream position: Grain's
+  `random_map` would seed by the process-local index, so a 2-process run
+  would crop differently from a 1-process run. It is the generator
+  `random_map` builds (Philox(seed), counter on the index), so one process
+  reproduces `random_map` exactly.
   """
   cfg: dict
   views: int
+  seed: int
+  order: grain.MapDataset  # the sampler order, for `position`
 
   def _view(self, image, rng):
     c = self.cfg
@@ -53,7 +61,9 @@ class _TrainViews(grain.transforms.RandomMap):
       image = augment.random_crop(image, c["image_size"], rng)
     return augment.random_dihedral(image, rng) if c["flip_rot90"] else image
 
-  def random_map(self, example, rng: np.random.Generator):
+  def map_with_index(self, index: int, example):
+    position = self.order.position(index)
+    rng = np.random.Generator(np.random.Philox(self.seed, counter=[0, 0, 0, position]))
     if self.views == 1:
       return {"image": self._view(example["image"], rng), "label": example["label"]}
     out = {f"view{v + 1}": self._view(example["image"], rng) for v in range(self.views)}
@@ -71,7 +81,7 @@ def train_dataset(source, labels: np.ndarray, input_config, seed: int, process_i
   else:
     order = samplers.ShuffledOrder(len(labels), cfg.batch_size, seed, **process)
   ds = (order.map(_Read(source))
-        .random_map(_TrainViews(cfg.to_dict(), views), seed=seed)
+        .map_with_index(_TrainViews(cfg.to_dict(), views, seed, order))
         .batch(cfg.batch_size // process_count, drop_remainder=True))
   return _iterate(ds, cfg)
 
@@ -79,7 +89,10 @@ def train_dataset(source, labels: np.ndarray, input_config, seed: int, process_i
 def _iterate(ds: grain.MapDataset, cfg) -> grain.IterDataset:
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, cfg.prefetch), prefetch_buffer_size=cfg.prefetch))
   if cfg.num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    # Workers ignore SIGTERM so a preemption signal sent to the whole process
+    # group leaves the pipeline alive until the main process has saved.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers),
+                        worker_init_fn=preemption.shield_worker)
   return it
 
 

@@ -38,10 +38,17 @@ class _EpochOrder(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    batch, row = divmod(index, self._local_batch)
-    position = batch * self._global_batch + self._process_index * self._local_batch + row
-    epoch, offset = divmod(position, self._batches_per_epoch * self._global_batch)
+    epoch, offset = divmod(self.position(index), self._batches_per_epoch * self._global_batch)
     return int(self._order(epoch)[offset])
+
+  def position(self, index: int) -> int:
+    """Global stream position of this process's `index`-th element.
+
+    Per-element randomness (augmentation) is keyed on this, not on `index`,
+    so the same example gets the same crop whatever the process count.
+    """
+    batch, row = divmod(index, self._local_batch)
+    return batch * self._global_batch + self._process_index * self._local_batch + row
 
   def _order(self, epoch: int) -> np.ndarray:
     if self._cached is None or self._cached[0] != epoch:
