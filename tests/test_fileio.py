@@ -99,8 +99,12 @@ def test_export_and_config_on_object_store(gcs):
   emb = np.eye(4, 8, dtype=np.float32)
   result = export.Export(emb, np.arange(4), np.array(["a", "a", "b", "b"]), np.zeros((4, 2), np.int32),
                          {"split": "test", "count": 4})
-  export._write(root / "run" / "export" / "test", result)
-  loaded = export.load(root / "run" / "export" / "test")
+  directory = root / "run" / "export" / "test"
+  staging = directory.parent / f".{directory.name}.partial"  # as export_split stages it
+  (staging / "chunks").mkdir(parents=True)
+  export._write(directory, staging, result)
+  assert not staging.exists()
+  loaded = export.load(directory)
   np.testing.assert_array_equal(loaded.embeddings, emb)
   assert loaded.manifest == {"split": "test", "count": 4}
 
