@@ -77,15 +77,18 @@ def _train(config, devices, batch, steps, snapshot_at=2):
 def test_method_is_mesh_invariant_and_learns(objective, devices, tissue_batches):
   config = method_config(objective)
   batch = _batch(objective, *tissue_batches)
-  # Two steps compared: the second loss and the parameters reflect one full
-  # update. Later steps of these tiny, fast-overfitting nets amplify float
-  # summation-order noise chaotically, so they only check that learning happens.
-  losses8, params8 = _train(config, devices, batch, steps=5)
-  losses1, params1 = _train(config, devices[:1], batch, steps=2)
+  # The parameters are compared after one update: that update is where a
+  # per-device loss (negatives from one shard only) would show, off by the
+  # update itself (~1e-3). From the second step on, the 1e-7 summation-order
+  # noise of the two meshes can move a pair across a mining threshold (MS
+  # epsilon, contrastive margin, ABE's hinge) and the parameters part by ~1e-3
+  # for a legitimate reason. The second loss, on the updated parameters, is
+  # continuous enough to compare; later steps only check that learning happens.
+  losses8, params8 = _train(config, devices, batch, steps=5, snapshot_at=1)
+  losses1, params1 = _train(config, devices[:1], batch, steps=2, snapshot_at=1)
   np.testing.assert_allclose(losses8[:2], losses1, rtol=1e-4, atol=1e-6)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params8), jax.tree.leaves(params1)):
-    # atol: parameters of ~1e-3 carry ~1e-6 of summation-order noise after two
-    # steps; a per-device (wrong) loss would be off by the update itself, ~1e-3.
+    # atol: parameters carry ~1e-6 of summation-order noise after one step.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   assert losses8[-1] < losses8[0], f"{objective} loss did not fall: {losses8}"
 
