@@ -25,13 +25,15 @@ def measure(config, steps: int) -> dict:
   trainer, state = step_lib.create(config, mesh)
   rng = jax.random.key(0)
   start = time.perf_counter()
-  compiled = step_lib.jit_train_step(trainer, state).lower(
-      state, step_lib.batch_spec(config), jax.eval_shape(lambda: rng)).compile()
+  views = trainer.objective.views
+  spec = step_lib.batch_spec(config, views)
+  compiled = step_lib.jit_train_step(trainer, state).lower(state, spec, jax.eval_shape(lambda: rng)).compile()
   compile_s = time.perf_counter() - start
   r = np.random.default_rng(0)
   b, s, m = config.input.batch_size, config.input.image_size, config.input.m_per_class
-  batch = mesh_lib.to_global({"image": r.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
-                              "label": np.repeat(np.arange(b // m), m).astype(np.int32)}, mesh)
+  batch = {name: r.integers(0, 256, (b, s, s, 3), dtype=np.uint8) for name in spec if name != "label"}
+  batch["label"] = np.repeat(np.arange(b // m), m).astype(np.int32)
+  batch = mesh_lib.to_global(batch, mesh)
   state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
@@ -39,7 +41,7 @@ def measure(config, steps: int) -> dict:
     state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
   seconds = time.perf_counter() - start
-  return {"model": config.model.to_dict(), "global_batch": b, "image_size": s, "devices": mesh.size,
+  return {"objective": config.objective.name, "model": config.model.to_dict(), "global_batch": b, "image_size": s, "devices": mesh.size,
           "compile_seconds": round(compile_s, 2), "steps": steps,
           "steps_per_sec": round(steps / seconds, 3), "images_per_sec": round(steps * b / seconds, 1),
           "memory": step_lib.compile_report(compiled)}

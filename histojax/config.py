@@ -12,7 +12,8 @@ import json
 import ml_collections
 from etils import epath
 
-from histojax import models, objectives, sharding
+from histojax import models, objectives, optim, sharding
+from histojax.data import colour
 
 
 def base_config(model: str = "resnet", objective: str = "multi_similarity",
@@ -40,21 +41,29 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
   c.input.sampler = "m_per_class"  # or "shuffle"
   c.input.m_per_class = 8
   c.input.image_size = 224
+  c.input.crop = "random"  # random | random_resized (area and aspect jitter, then resize)
+  c.input.crop_scale_min = 0.08  # random_resized: fraction of the patch area kept
+  c.input.crop_scale_max = 1.0
+  c.input.crop_ratio_min = 3 / 4  # random_resized: aspect ratio range
+  c.input.crop_ratio_max = 4 / 3
   c.input.flip_rot90 = True  # histology has no canonical orientation
   c.input.num_workers = 0  # Grain worker processes; 0 reads in the main process
   c.input.prefetch = 2
   c.input.eval_batch_size = 256
 
+  # Device-side colour per view (view2 is used by two-view objectives only).
+  c.augment = ml_collections.ConfigDict(dict(view1=colour.view_defaults(), view2=colour.view_defaults()))
+
   c.model = models.model_config(model, head)
   c.objective = objectives.OBJECTIVES.defaults(objective)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # adamw | sgd
+  c.optimizer.name = "adamw"  # adamw | sgd | lars
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 100
   c.optimizer.end_lr_fraction = 0.0  # cosine decays to lr * this
   c.optimizer.weight_decay = 1e-4  # on kernels only, not on biases or norm scales
-  c.optimizer.momentum = 0.9  # sgd only
+  c.optimizer.momentum = 0.9  # sgd and lars
   c.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
 
   c.mesh = ml_collections.ConfigDict()
@@ -97,19 +106,76 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"input.batch_size must be positive, got {inp.batch_size}")
   if inp.sampler not in ("m_per_class", "shuffle"):
     raise ValueError(f"input.sampler must be 'm_per_class' or 'shuffle', got {inp.sampler!r}")
+  if inp.crop not in ("random", "random_resized"):
+    raise ValueError(f"input.crop must be 'random' or 'random_resized', got {inp.crop!r}")
+  if not 0 < inp.crop_scale_min <= inp.crop_scale_max <= 1:
+    raise ValueError(f"input.crop_scale_min/max must satisfy 0 < min <= max <= 1, got "
+                     f"{inp.crop_scale_min}, {inp.crop_scale_max}")
   if inp.sampler == "m_per_class" and inp.batch_size % inp.m_per_class:
     raise ValueError(
         f"input.batch_size ({inp.batch_size}) must be a multiple of input.m_per_class ({inp.m_per_class})")
   if config.total_steps < 0 or (config.total_steps == 0 and not config.init_from):
     raise ValueError(f"total_steps must be positive (or 0 with init_from, to evaluate imported weights), "
                      f"got {config.total_steps}")
-  if config.optimizer.name not in ("adamw", "sgd"):
-    raise ValueError(f"optimizer.name must be 'adamw' or 'sgd', got {config.optimizer.name!r}")
+  if config.optimizer.name not in optim.NAMES:
+    raise ValueError(f"optimizer.name must be one of {optim.NAMES}, got {config.optimizer.name!r}")
   models.MODELS.get(config.model.name)
   objectives.OBJECTIVES.get(config.objective.name)
   from histojax import index  # noqa: PLC0415  (index knobs fail here, before training, not at eval)
   index.IndexConfig.from_config(config.eval.index)
   sharding.compile_rules(config.mesh)
+
+
+def parse_variants(arg: str | None, known: dict[str, tuple]) -> dict[str, str | bool]:
+  """`--config file.py:cpu,loss=abe` -> {"cpu": True, "loss": "abe"}.
+
+  `known` maps each variant name to its allowed values (() for a plain flag);
+  anything else is refused, naming the known variants.
+  """
+  chosen = {}
+  for token in filter(None, (arg or "").split(",")):
+    name, _, value = token.partition("=")
+    if name not in known or (value and value not in known[name]) or (not value and known[name]):
+      options = ", ".join(f"{k}={'|'.join(v)}" if v else k for k, v in known.items())
+      raise ValueError(f"unknown config variant {token!r}; known: {options}")
+    chosen[name] = value or True
+  return chosen
+
+
+def shrink_to_synthetic(c: ml_collections.ConfigDict, size: str) -> None:
+  """Points a config at the synthetic smoke data and shrinks it to CPU scale.
+
+  "quickstart": synthetic_tissue, 56 px crops, quarter-width ResNet-18-sized
+  trunks, 400 steps (about a minute on 2 cores). "tiny": the 4-step test size.
+  Method-specific fields (heads, codebooks) are the config file's business.
+  """
+  tiny = size == "tiny"
+  c.dataset.name = "synthetic_tissue/tiny" if tiny else "synthetic_tissue"
+  c.dataset.train_split, c.dataset.gallery_split, c.dataset.query_split = "train", "train", "test"
+  c.init_from = ""
+  c.total_steps, c.log_every = (4, 2) if tiny else (400, 20)
+  c.input.batch_size, c.input.m_per_class = (24, 4) if tiny else (48, 8)  # 6 classes x m
+  c.input.image_size = 48 if tiny else 56
+  c.input.eval_batch_size = 32 if tiny else 128
+  c.input.num_workers = 0
+  if "depth" in c.model:
+    c.model.depth, c.model.width = 18, 0.125 if tiny else 0.25
+  c.model.dtype = "float32"
+  c.optimizer.warmup_steps = 1 if tiny else 40
+  c.checkpoint.every_steps = 2 if tiny else 100
+  c.checkpoint.max_to_keep = 2
+  c.mesh.data = -1
+
+
+CLASS_COUNT_FIELDS = ("num_classes", "probe_classes")  # in model.head; -1 means "the dataset's"
+
+
+def resolve_class_counts(config: ml_collections.ConfigDict, num_classes: int) -> None:
+  """Fills every model.head class count left at -1 with the dataset's number of classes."""
+  head = config.model.get("head")
+  for field in CLASS_COUNT_FIELDS:
+    if head is not None and field in head and head[field] == -1:
+      head[field] = num_classes
 
 
 def save(config: ml_collections.ConfigDict, path: epath.PathLike) -> None:

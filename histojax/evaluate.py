@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, distributed, export, index, metrics, monitor, report
+from histojax import checkpoint, distributed, export, index, metrics, monitor, pairs, report
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
@@ -146,18 +146,34 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
 
   k = max(ev.ks)
   idx, _ = build_or_reuse_index(config, workdir, gallery, k)
-  keys = exclusion_keys(gallery, query, query_split == gallery_split, ev.exclude_same_source)
-  neighbors, scores = retrieve(idx, query, k, keys)
   class_names = gallery.manifest.get("class_names") or [str(c) for c in range(int(gallery.label.max()) + 1)]
-  results = metrics.retrieval_metrics(neighbors, gallery.label, query.label, ev.ks, query.source_id, class_names)
-  results.update(pair_metrics(gallery, query, config.seed))
+  # A dataset with one class (pair_query's unlabelled patches) has no labels to
+  # score retrieval against: only the pair task is reported for it.
+  labelled = len(class_names) > 1
+  results, neighbors, scores = {}, None, None
+  if labelled:
+    keys = exclusion_keys(gallery, query, query_split == gallery_split, ev.exclude_same_source)
+    neighbors, scores = retrieve(idx, query, k, keys)
+    results = metrics.retrieval_metrics(neighbors, gallery.label, query.label, ev.ks, query.source_id,
+                                        class_names)
+    results.update(pair_metrics(gallery, query, config.seed))
+  decisions = None
+  task_pairs = dataset_pairs(config)
+  if task_pairs is not None:
+    # The pair-query task: validation pairs name gallery-split patches, query pairs query-split ones.
+    task_results, decisions = pairs.answer(gallery.embeddings, gallery.source_id, query.embeddings,
+                                           query.source_id, task_pairs, config.seed)
+    results.update(task_results)
   results.update(step=step, num_gallery=len(gallery.label), num_query=len(query.label),
                  num_query_images=int(len(np.unique(query.source_id))), index_mode=idx.mode,
                  dataset=config.dataset.name, gallery_split=gallery_split, query_split=query_split,
                  exclude_same_source=bool(ev.exclude_same_source))
   if jax.process_index() == 0:
     write_metrics(workdir / "eval" / "metrics.json", results)
-    draw_report(config, workdir / "eval", results, gallery, query, neighbors, scores, class_names, k)
+    if decisions is not None:
+      write_pair_answers(workdir / "eval" / "pair_answers.csv", decisions)
+    if labelled:
+      draw_report(config, workdir / "eval", results, gallery, query, neighbors, scores, class_names, k)
     print(format_table(results))
   return results
 
@@ -206,6 +222,22 @@ def restore_for_eval(config, workdir: epath.Path, step: int | None):
   return trainer, state, step
 
 
+def dataset_pairs(config) -> dict | None:
+  """The dataset's query pairs if it is a pair-task dataset (pair_query), else None."""
+  try:
+    return sources.read_pairs(config.dataset.name, config.dataset.data_dir)
+  except KeyError:
+    return None
+
+
+def write_pair_answers(path: epath.Path, decisions) -> None:
+  """One row per query pair: both patch ids and the decision (1 same class, 0 different)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  staging = path.parent / f".{path.name}.partial"
+  staging.write_text("patch_a,patch_b,same\n" + "".join(f"{a},{b},{same}\n" for a, b, same in decisions))
+  staging.replace(path)
+
+
 def write_metrics(path: epath.Path, results: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   staging = path.parent / f".{path.name}.partial"
@@ -220,13 +252,19 @@ def format_table(results: dict) -> str:
   head = f"{'metric':<22}" + "".join(f"{'@' + str(k):>9}" for k in ks)
   lines = [f"retrieval at step {results['step']}: {results['num_query']} queries ({results['query_split']}) "
            f"against {results['num_gallery']} gallery patches ({results['gallery_split']}), "
-           f"index {results['index_mode']}", head, "-" * len(head)]
-  lines += [f"{name:<22}" + "".join(f"{v:>9.4f}" for v in values) for name, _, values in rows]
+           f"index {results['index_mode']}"]
+  if rows:
+    lines += [head, "-" * len(head)]
+    lines += [f"{name:<22}" + "".join(f"{v:>9.4f}" for v in values) for name, _, values in rows]
   if "pair_c_index" in results:
     threshold = results["pair_threshold"]
     lines.append(f"pairs: c-index {results['pair_c_index']:.4f} at threshold "
                  f"{'(all one side)' if threshold is None else f'{threshold:.3f}'}, "
                  f"concordance {results['pair_concordance']:.4f} ({results['num_pairs']} pairs)")
+  if "pair_task_held_out_c_index" in results:
+    lines.append(f"pair task: c-index {results['pair_task_held_out_c_index']:.4f} held out on "
+                 f"{results['pair_task_validation_pairs']} validation pairs; "
+                 f"{results['pair_task_query_pairs']} query pairs answered in eval/pair_answers.csv")
   return "\n".join(lines)
 
 

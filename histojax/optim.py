@@ -7,6 +7,9 @@ import ml_collections
 import optax
 
 
+NAMES = ("adamw", "sgd", "lars")
+
+
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to lr, then cosine decay to lr * end_lr_fraction."""
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
@@ -25,11 +28,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
   lr = schedule(cfg, total_steps)
   if cfg.name == "adamw":
     tx = optax.adamw(lr, weight_decay=cfg.weight_decay, mask=_decay_mask)
+  elif cfg.name == "lars":
+    # LARS (You et al., 2017) as BYOL trains: biases and norm parameters get
+    # neither weight decay nor the layer-wise trust ratio.
+    tx = optax.lars(lr, weight_decay=cfg.weight_decay, weight_decay_mask=_decay_mask,
+                    trust_coefficient=0.001, trust_ratio_mask=_decay_mask, momentum=cfg.momentum)
   elif cfg.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
                      optax.sgd(lr, momentum=cfg.momentum, nesterov=True))
   else:
-    raise ValueError(f"optimizer.name must be 'adamw' or 'sgd', got {cfg.name!r}")
+    raise ValueError(f"optimizer.name must be one of {NAMES}, got {cfg.name!r}")
   if cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx, lr

@@ -188,8 +188,10 @@ def _ks(results: dict) -> list[int]:
 
 
 def metric_rows(results: dict) -> list[tuple[str, str, list]]:
-  """(name, what it is, value per k) for every family in `results`."""
+  """(name, what it is, value per k) for every family in `results` (none for an unlabelled set)."""
   ks = _ks(results)
+  if not ks:
+    return []
   described = [
       ("precision", "relevant / returned in the top k, mean over queries"),
       ("accuracy", "a relevant result in the top k (hit@k, recall@k)"),

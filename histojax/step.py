@@ -12,7 +12,7 @@ the layout.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from histojax import mesh as mesh_lib
-from histojax import models, objectives, optim
+from histojax import objectives, optim
 from histojax import sharding as sharding_lib
 
 
@@ -30,21 +30,26 @@ from histojax import sharding as sharding_lib
 class Trainer:
   """Everything static about a run: how to rebuild modules from the state."""
   graphdef: Any
-  loss_fn: Callable
+  objective: objectives.Objective
   lr_schedule: optax.Schedule
   mesh: Mesh
   state_sharding: Any = None  # where the state lives (replicated, or split over fsdp)
 
 
 def _builder(config: ml_collections.ConfigDict):
-  """A function that builds (model, optimizer) from the config, and the lr schedule."""
+  """(objective, a function building (model, optimizer), lr schedule) from the config.
+
+  The objective decides the module tree (BYOL: online + target) and what the
+  optimizer trains.
+  """
+  objective = objectives.build(config)
   tx, lr = optim.make_optimizer(config.optimizer, config.total_steps)
 
   def build():
-    model = models.build_model(config.model, seed=config.seed)
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model = objective.build_model(config.seed)
+    return model, nnx.Optimizer(model, tx, wrt=objective.trainable)
 
-  return build, lr
+  return objective, build, lr
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
@@ -52,7 +57,7 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
 
   Enough to restore a checkpoint into, or to inspect what `mesh.rules` do.
   """
-  build, _ = _builder(config)
+  _, build, _ = _builder(config)
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
   shardings = sharding_lib.state_shardings(abstract, mesh, config.mesh)
   return graphdef, jax.tree.map(
@@ -68,13 +73,12 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.
   differ from eager ones in the last bit, which changes every published
   result; the models here fit one device many times over.)
   """
-  build, lr = _builder(config)
+  objective, build, lr = _builder(config)
   graphdef, abstract = abstract_state(config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   _, state = nnx.split(build())
   state = jax.device_put(state, shardings)
-  loss_fn = objectives.OBJECTIVES.get(config.objective.name)(config.objective)
-  return Trainer(graphdef, loss_fn, lr, mesh, shardings), state
+  return Trainer(graphdef, objective, lr, mesh, shardings), state
 
 
 def gather_model(trainer: Trainer, state: nnx.State) -> nnx.State:
@@ -109,15 +113,19 @@ def train_step(trainer: Trainer, state: nnx.State, batch: dict, rng: jax.Array):
   step = optimizer.step[...]
   rng = jax.random.fold_in(rng, step)
 
-  def loss(m):
-    return trainer.loss_fn(m, batch, rng)
+  objective = trainer.objective
 
-  (loss_value, aux), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+  def loss(m):
+    return objective.loss(m, batch, rng)
+
+  trainable = nnx.DiffState(0, objective.trainable)
+  (loss_value, aux), grads = nnx.value_and_grad(loss, argnums=trainable, has_aux=True)(model)
   optimizer.update(model, grads)
+  objective.after_update(model, step + 1)
   metrics = {
       "loss": loss_value,
       "grad_norm": _global_norm(grads),
-      "param_norm": _global_norm(nnx.state(model, nnx.Param)),
+      "param_norm": _global_norm(nnx.state(model, objective.trainable)),
       "lr": trainer.lr_schedule(step),
       **aux,
   }
@@ -138,7 +146,7 @@ def embed(trainer: Trainer, state: nnx.State, images: jax.Array) -> jax.Array:
   """Eval-mode embeddings (running batch statistics, no state change)."""
   model, _ = nnx.merge(trainer.graphdef, gather_model(trainer, state))
   model.eval()
-  return model(images)
+  return trainer.objective.embed(model, images)
 
 
 def jit_embed(trainer: Trainer):
@@ -157,8 +165,9 @@ def compile_report(compiled) -> str:
           f"aliased {mib(mem.alias_size_in_bytes):.1f} MiB")
 
 
-def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(config: ml_collections.ConfigDict, views: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of a global training batch, for compiling ahead of step 1."""
   b, s = config.input.batch_size, config.input.image_size
-  return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
-          "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  image = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)
+  names = ["image"] if views == 1 else [f"view{v + 1}" for v in range(views)]
+  return {**{n: image for n in names}, "label": jax.ShapeDtypeStruct((b,), jnp.int32)}

@@ -22,7 +22,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, distributed, evaluate, preemption, weights
+from histojax import checkpoint, distributed, evaluate, preemption
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import monitor as monitor_lib
@@ -43,21 +43,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   config_lib.validate(config)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.save(config, workdir / "config.json")
 
   # --- Data -----------------------------------------------------------------
   sources.ensure_prepared(config.dataset)
+  config_lib.resolve_class_counts(config, len(sources.class_names(config.dataset.name, config.dataset.data_dir)))
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir / "config.json")
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.local_batch_size(config.input.batch_size, mesh)
   monitor_lib.info("%s; mesh %s", distributed.describe(), dict(mesh.shape))
   source = sources.open_split(config.dataset.name, config.dataset.train_split, config.dataset.data_dir)
   labels = sources.read_metadata(source)["label"]
+  trainer, state = step_lib.create(config, mesh)
+  views = trainer.objective.views
   data_iter = iter(pipeline.train_dataset(source, labels, config.input, config.seed,
-                                          jax.process_index(), jax.process_count()))
+                                          jax.process_index(), jax.process_count(), views))
 
   # --- State: checkpoint in workdir, else config.init_from, else fresh --------
-  trainer, state = step_lib.create(config, mesh)
   monitor_lib.info(sharding_lib.describe(state))
   mngr = checkpoint.manager(workdir, config.checkpoint)
   start = mngr.latest_step() or 0
@@ -66,7 +68,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     data_iter.set_state(data_state)
     monitor_lib.info("resumed from %s at step %d", workdir / "checkpoints", start)
   elif config.init_from:
-    state = weights.init_train_state(state, config.init_from)
+    state = trainer.objective.load_weights(state, config.init_from)
     monitor_lib.info("initialised the backbone from %s", config.init_from)
     if config.total_steps == 0:  # evaluation only: keep the state where `histojax.evaluate` looks
       checkpoint.save(mngr, 0, state, data_iter.get_state(), force=True)
@@ -78,7 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   # --- Compile ahead, so shape and memory problems show before step 1 ---------
   rng = jax.random.key(config.seed)
   compiled = step_lib.jit_train_step(trainer, state).lower(
-      state, step_lib.batch_spec(config), jax.eval_shape(lambda: rng)).compile()
+      state, step_lib.batch_spec(config, views), jax.eval_shape(lambda: rng)).compile()
   monitor_lib.info(step_lib.compile_report(compiled))
 
   # --- Loop: a SIGTERM ends it after the current step, with a checkpoint -----

@@ -36,3 +36,18 @@ def tiny_config(data_dir: str):
   config.dataset.data_dir = data_dir
   config.dataset.prepare_if_missing = False
   return config
+
+
+def load_config(spec: str, data_dir: str):
+  """`configs/x.py:variant` loaded as `--config` would, reading the test data_dir."""
+  import importlib.util  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("config_under_test", pathlib.Path(__file__).parents[1] / path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant or None)
+  config.dataset.data_dir = data_dir
+  config.dataset.prepare_if_missing = False
+  return config

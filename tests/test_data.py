@@ -114,3 +114,36 @@ def test_dihedral_covers_all_eight_orientations():
 def test_crop_smaller_than_input_names_the_field():
   with pytest.raises(ValueError, match="input.image_size=64"):
     augment.center_crop(np.zeros((32, 32, 3), np.uint8), 64)
+
+
+def test_random_resized_crop_size_and_content():
+  rng = np.random.default_rng(0)
+  image = np.zeros((64, 64, 3), np.uint8)
+  image[:, 32:] = 255  # left half black, right half white
+  means = []
+  for _ in range(50):
+    out = augment.random_resized_crop(image, 40, rng, scale=(0.1, 0.3))
+    assert out.shape == (40, 40, 3) and out.dtype == np.uint8
+    means.append(out.mean())
+  # Small crops land mostly in one half: some near-black, some near-white.
+  assert min(means) < 60 and max(means) > 195
+
+
+def test_random_resized_crop_falls_back_to_centre_square():
+  rng = np.random.default_rng(0)
+  image = np.arange(8 * 4 * 3, dtype=np.uint8).reshape(8, 4, 3)
+  # An aspect ratio range no box can satisfy inside a 8x4 image at full area.
+  out = augment.random_resized_crop(image, 4, rng, scale=(1.0, 1.0), ratio=(4.0, 4.0))
+  np.testing.assert_array_equal(out, image[2:6])
+
+
+def test_two_view_batches(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  config.input.crop = "random_resized"
+  config.input.sampler = "shuffle"
+  source = sources.open_split(config.dataset.name, "train", tiny_data_dir)
+  labels = sources.read_metadata(source)["label"]
+  batch = next(iter(pipeline.train_dataset(source, labels, config.input, seed=0, views=2)))
+  assert set(batch) == {"view1", "view2", "label"}
+  assert batch["view1"].shape == batch["view2"].shape == (24, 48, 48, 3)
+  assert not np.array_equal(batch["view1"], batch["view2"])  # independent crops of each patch

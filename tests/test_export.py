@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
-from histojax import export, index, pq
+from histojax import export, index, objectives, pq
 from histojax import mesh as mesh_lib
 from histojax import models
 from histojax import step as step_lib
@@ -105,7 +105,7 @@ def test_a_model_with_codebooks_exports_pq_codes_searched_by_adc(tmp_path, tiny_
   books = np.random.default_rng(0).standard_normal((4, 16, 8)).astype(np.float32)  # 4 books x 16 words, 32 dims
   model = _Quantised(models.build_model(config.model), books)
   graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)))
-  trainer = step_lib.Trainer(graphdef, None, None, mesh)
+  trainer = step_lib.Trainer(graphdef, objectives.build(config), None, mesh)
   state = jax.device_put(state, mesh_lib.replicated(mesh))
 
   out = export.export_split(trainer, state, config, "train", tmp_path / "train", step=0)

@@ -7,6 +7,7 @@ derives from the pipeline seed and the element index.
 from __future__ import annotations
 
 import numpy as np
+import PIL.Image
 
 
 def _check_size(image: np.ndarray, size: int) -> None:
@@ -19,6 +20,31 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
   y = rng.integers(0, image.shape[0] - size + 1)
   x = rng.integers(0, image.shape[1] - size + 1)
   return image[y:y + size, x:x + size]
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3), attempts: int = 10) -> np.ndarray:
+  """Inception-style crop: a random area fraction and aspect ratio, resized to `size`.
+
+  Tries `attempts` draws for a box that fits, then falls back to the largest
+  centred square, as torchvision does.
+  """
+  h, w = image.shape[:2]
+  for _ in range(attempts):
+    area = h * w * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
+    if 0 < ch <= h and 0 < cw <= w:
+      y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+      return _resize(image[y:y + ch, x:x + cw], size)
+  side = min(h, w)
+  return _resize(center_crop(image, side), size)
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  return np.asarray(PIL.Image.fromarray(image).resize((size, size), PIL.Image.Resampling.BILINEAR))
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

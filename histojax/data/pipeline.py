@@ -37,31 +37,43 @@ class _Read(grain.transforms.Map):
 
 
 @dataclasses.dataclass(frozen=True)
-class _TrainView(grain.transforms.MapWithIndex):
-  """Random crop (+ dihedral), seeded by the element's global stream position.
+class _TrainViews(grain.transforms.MapWithIndex):
+  """Host geometry: `views` independent crops (+ flips/rot90) of each patch.
 
-  Grain's `random_map` would seed by the process-local index, so a 2-process
-  run would crop differently from a 1-process run. The generator here is the
-  one `random_map` builds (Philox(seed), counter on the index), keyed on the
-  global position instead: one process reproduces `random_map` exactly.
+  One view is stored as 'image'; two as 'view1' and 'view2' (BYOL, SPQ).
+  The generator is seeded by the element's *global* stream position: Grain's
+  `random_map` would seed by the process-local index, so a 2-process run
+  would crop differently from a 1-process run. It is the generator
+  `random_map` builds (Philox(seed), counter on the index), so one process
+  reproduces `random_map` exactly.
   """
-  image_size: int
-  flip_rot90: bool
+  cfg: dict
+  views: int
   seed: int
   order: grain.MapDataset  # the sampler order, for `position`
+
+  def _view(self, image, rng):
+    c = self.cfg
+    if c["crop"] == "random_resized":
+      image = augment.random_resized_crop(image, c["image_size"], rng, (c["crop_scale_min"], c["crop_scale_max"]),
+                                          (c["crop_ratio_min"], c["crop_ratio_max"]))
+    else:
+      image = augment.random_crop(image, c["image_size"], rng)
+    return augment.random_dihedral(image, rng) if c["flip_rot90"] else image
 
   def map_with_index(self, index: int, example):
     position = self.order.position(index)
     rng = np.random.Generator(np.random.Philox(self.seed, counter=[0, 0, 0, position]))
-    image = augment.random_crop(example["image"], self.image_size, rng)
-    if self.flip_rot90:
-      image = augment.random_dihedral(image, rng)
-    return {"image": image, "label": example["label"]}
+    if self.views == 1:
+      return {"image": self._view(example["image"], rng), "label": example["label"]}
+    out = {f"view{v + 1}": self._view(example["image"], rng) for v in range(self.views)}
+    return {**out, "label": example["label"]}
 
 
-def train_dataset(source, labels: np.ndarray, input_config, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Infinite stream of local batches {'image': uint8 [B,H,W,3], 'label': int32 [B]}."""
+def train_dataset(source, labels: np.ndarray, input_config, seed: int, process_index: int = 0,
+                  process_count: int = 1, views: int = 1) -> grain.IterDataset:
+  """Infinite stream of local batches: {'image': uint8 [B,H,W,3], 'label': int32 [B]},
+  or {'view1', 'view2', 'label'} when `views` is 2."""
   cfg = input_config
   process = dict(process_index=process_index, process_count=process_count)
   if cfg.sampler == "m_per_class":
@@ -69,7 +81,7 @@ def train_dataset(source, labels: np.ndarray, input_config, seed: int,
   else:
     order = samplers.ShuffledOrder(len(labels), cfg.batch_size, seed, **process)
   ds = (order.map(_Read(source))
-        .map_with_index(_TrainView(cfg.image_size, cfg.flip_rot90, seed, order))
+        .map_with_index(_TrainViews(cfg.to_dict(), views, seed, order))
         .batch(cfg.batch_size // process_count, drop_remainder=True))
   return _iterate(ds, cfg)
 

@@ -1,11 +1,65 @@
 """The objective registry and the contract every objective keeps.
 
-An objective is built from its config into `loss_fn(model, batch, rng) ->
-(loss, aux)`: `batch` holds *global* arrays (every device's rows), so
-similarities over the batch include negatives from all devices; `aux` is a
-dict of scalar diagnostics that end up in the training log.
+An objective owns how one method trains and what it serves:
+- `build_model(seed)`: the module tree trained (an Embedder, or a composite
+  such as BYOL's online + target networks);
+- `trainable`: the NNX filter of variables the optimizer updates (BYOL's
+  target network is excluded: it moves by EMA, never by gradient);
+- `loss(model, batch, rng) -> (loss, aux)`: on the *global* batch, so
+  similarities include negatives from every device; aux holds scalar
+  diagnostics for the log;
+- `after_update(model, step)`: work after the optimizer step (BYOL's EMA);
+- `embed(model, images)`: the retrieval embedding used by export and search;
+- `encode(model, images)`: database codes for compressed search (SPQ), else None;
+- `load_weights(state, directory)`: `config.init_from` into the train state;
+- `views`: how many augmented views per example the input pipeline makes.
 """
 
+from __future__ import annotations
+
+import jax
+import ml_collections
+from flax import nnx
+
+from histojax import models
+from histojax.data import colour
 from histojax.registry import Registry
 
 OBJECTIVES = Registry("objective")
+
+
+class Objective:
+  views = 1
+  trainable = nnx.Param
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config  # the whole run config: objectives may need model or input fields
+    self.cfg = config.objective
+
+  def build_model(self, seed: int) -> nnx.Module:
+    return models.build_model(self.config.model, seed=seed)
+
+  def loss(self, model, batch: dict, rng: jax.Array):
+    raise NotImplementedError
+
+  def after_update(self, model, step) -> None:
+    del model, step
+
+  def embed(self, model, images):
+    return model(images)
+
+  def encode(self, model, images):
+    del model, images
+    return None
+
+  def load_weights(self, state, directory):
+    from histojax import weights  # noqa: PLC0415  (import cost only when used)
+    return weights.init_train_state(state, directory)
+
+  def augment(self, images, rng: jax.Array, view: int = 1):
+    """Device-side colour augmentation of one view (identity when configured off)."""
+    return colour.augment(images, rng, self.config.augment[f"view{view}"])
+
+
+def build(config: ml_collections.ConfigDict) -> Objective:
+  return OBJECTIVES.get(config.objective.name)(config)

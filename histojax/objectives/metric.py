@@ -1,4 +1,8 @@
-"""Deep metric learning objectives over labelled, m-per-class batches."""
+"""Deep metric learning objectives over labelled, m-per-class batches.
+
+Every loss takes the *global* batch's embeddings, so negatives come from all
+devices, and returns (loss, aux) with aux a dict of scalar diagnostics.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from histojax.objectives.base import OBJECTIVES
+from histojax.objectives.base import OBJECTIVES, Objective
 
 
 def _log1p_sum_exp(x, mask):
@@ -56,14 +60,121 @@ def multi_similarity_loss(embeddings, labels, *, alpha=2.0, beta=5.0, base=0.5, 
   return loss, aux
 
 
-def _ms_defaults():
-  return ml_collections.ConfigDict(dict(alpha=2.0, beta=5.0, base=0.5, epsilon=0.1))
+def _pair_masks(labels):
+  n = labels.shape[0]
+  same = labels[:, None] == labels[None, :]
+  return same & ~jnp.eye(n, dtype=bool), ~same
 
 
-@OBJECTIVES.register("multi_similarity", defaults=_ms_defaults)
-def multi_similarity(cfg: ml_collections.ConfigDict):
-  def loss_fn(model, batch, rng: jax.Array):
-    del rng  # deterministic given the batch
-    return multi_similarity_loss(model(batch["image"]), batch["label"], alpha=cfg.alpha,
-                                 beta=cfg.beta, base=cfg.base, epsilon=cfg.epsilon)
-  return loss_fn
+def _distances(emb):
+  """Euclidean distances between rows (unit rows: sqrt(2 - 2 cos)), safe at 0."""
+  emb = emb.astype(jnp.float32)
+  sq = jnp.sum(emb * emb, 1)
+  d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * emb @ emb.T, 0.0)
+  # sqrt has an infinite gradient at 0 (the diagonal, duplicates): clamp inside.
+  return jnp.sqrt(jnp.maximum(d2, 1e-12)), d2
+
+
+def _masked_mean(x, mask):
+  return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def contrastive_loss(embeddings, labels, *, margin=0.5):
+  """Contrastive loss (Hadsell et al., 2006) on Euclidean distances d.
+
+  Positive pairs pay d^2, negative pairs pay max(0, margin - d)^2. The two
+  kinds are averaged separately and added, so the many negatives of an
+  m-per-class batch do not drown the few positives; a pair (i, j) is
+  counted in both orders, which leaves each mean unchanged.
+  """
+  pos, neg = _pair_masks(labels)
+  d, d2 = _distances(embeddings)
+  pos_loss = _masked_mean(d2, pos)
+  neg_loss = _masked_mean(jnp.square(jax.nn.relu(margin - d)), neg)
+  return pos_loss + neg_loss, {"pos_loss": pos_loss, "neg_loss": neg_loss}
+
+
+def batch_hard_triplet_loss(embeddings, labels, *, margin=0.1):
+  """Batch-hard triplet loss (Hermans et al., 2017) on Euclidean distances.
+
+  Each anchor takes its farthest positive and nearest negative in the batch
+  and pays max(0, d_ap - d_an + margin); the mean is over anchors that have
+  both a positive and a negative.
+  """
+  pos, neg = _pair_masks(labels)
+  d, _ = _distances(embeddings)
+  hardest_pos = jnp.max(jnp.where(pos, d, -jnp.inf), axis=1)
+  hardest_neg = jnp.min(jnp.where(neg, d, jnp.inf), axis=1)
+  valid = jnp.any(pos, 1) & jnp.any(neg, 1)
+  per_anchor = jax.nn.relu(hardest_pos - hardest_neg + margin)
+  loss = _masked_mean(per_anchor, valid)
+  return loss, {"active_triplets": _masked_mean((per_anchor > 0).astype(jnp.float32), valid)}
+
+
+def divergence_loss(sub_embeddings, *, margin=0.2):
+  """ABE's divergence term (Kim et al., ECCV 2018): learners must disagree.
+
+  `sub_embeddings` is [B, M, D]: learner m's embedding of image i. For every
+  image and every pair of learners m < n, pay max(0, margin - ||f_m - f_n||^2);
+  sum over learner pairs, mean over images.
+  """
+  f = sub_embeddings.astype(jnp.float32)
+  d2 = jnp.sum(jnp.square(f[:, :, None, :] - f[:, None, :, :]), -1)  # [B, M, M]
+  m = f.shape[1]
+  upper = jnp.triu(jnp.ones((m, m), bool), k=1)
+  return jnp.mean(jnp.sum(jnp.where(upper, jax.nn.relu(margin - d2), 0.0), axis=(1, 2)))
+
+
+def abe_loss(sub_embeddings, labels, *, margin_c=0.5, lambda_div=0.05, margin_div=0.2):
+  """ABE-M objective: a contrastive loss on every learner's sub-embedding plus
+  lambda_div times the divergence term."""
+  per_learner = [contrastive_loss(sub_embeddings[:, m], labels, margin=margin_c)[0]
+                 for m in range(sub_embeddings.shape[1])]
+  metric = sum(per_learner)
+  div = divergence_loss(sub_embeddings, margin=margin_div)
+  return metric + lambda_div * div, {"metric_loss": metric, "divergence": div}
+
+
+class _SingleView(Objective):
+  """Labelled metric learning on one augmented view of each patch."""
+
+  def loss(self, model, batch, rng):
+    return self.embedding_loss(model(self.augment(batch["image"], rng)), batch["label"])
+
+  def embedding_loss(self, embeddings, labels):
+    raise NotImplementedError
+
+
+@OBJECTIVES.register("multi_similarity", defaults=lambda: ml_collections.ConfigDict(
+    dict(alpha=2.0, beta=5.0, base=0.5, epsilon=0.1)))
+class MultiSimilarity(_SingleView):
+  def embedding_loss(self, embeddings, labels):
+    c = self.cfg
+    return multi_similarity_loss(embeddings, labels, alpha=c.alpha, beta=c.beta, base=c.base, epsilon=c.epsilon)
+
+
+@OBJECTIVES.register("contrastive", defaults=lambda: ml_collections.ConfigDict(dict(margin=0.5)))
+class Contrastive(_SingleView):
+  def embedding_loss(self, embeddings, labels):
+    return contrastive_loss(embeddings, labels, margin=self.cfg.margin)
+
+
+@OBJECTIVES.register("triplet", defaults=lambda: ml_collections.ConfigDict(dict(margin=0.1)))
+class Triplet(_SingleView):
+  def embedding_loss(self, embeddings, labels):
+    return batch_hard_triplet_loss(embeddings, labels, margin=self.cfg.margin)
+
+
+@OBJECTIVES.register("abe", defaults=lambda: ml_collections.ConfigDict(
+    dict(margin_c=0.5, lambda_div=0.05, margin_div=0.2)))
+class ABE(Objective):
+  """ABE-M: contrastive loss per learner + divergence; needs `model.name='abe'`."""
+
+  def loss(self, model, batch, rng):
+    outputs = model.outputs(self.augment(batch["image"], rng))
+    if "learners" not in outputs:
+      raise ValueError(f"objective 'abe' needs per-learner embeddings: set model.name='abe' "
+                       f"(got {self.config.model.name!r})")
+    c = self.cfg
+    return abe_loss(outputs["learners"], batch["label"], margin_c=c.margin_c, lambda_div=c.lambda_div,
+                    margin_div=c.margin_div)
