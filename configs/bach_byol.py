@@ -14,37 +14,32 @@ For the pair-query task (unlabelled patches + query pairs) use
 quickstart (synthetic, ~2 min), tiny (tests).
 """
 
-from histojax.config import base_config, parse_variants, shrink_to_synthetic
+from histojax.config import bach_on_cpu, base_config, parse_variants, shrink_to_synthetic, use_bach
 from histojax.data import colour
 
 
 def get_config(arg=None):
   v = parse_variants(arg, {"cpu": (), "quickstart": (), "tiny": ()})
   c = base_config(model="resnet", objective="byol", head="byol")
-  c.dataset.name = "bach/default"
-  c.dataset.gallery_split, c.dataset.query_split = "train", "test"
+  use_bach(c)
   c.total_steps = 20000
   c.input.sampler = "shuffle"  # self-supervised: no class balancing
   c.input.batch_size = 512
-  c.input.image_size, c.input.eval_batch_size = 224, 512
   c.input.crop, c.input.crop_scale_min = "random_resized", 0.2  # tiles, not photos: keep context
   c.augment.view1, c.augment.view2 = colour.byol_views()
-  c.model.depth, c.model.embed_dim, c.model.dtype = 50, 0, "bfloat16"
+  c.model.depth, c.model.embed_dim = 50, 0
   c.model.head.probe_classes = -1  # monitoring only
   c.optimizer.name, c.optimizer.lr = "lars", 0.2 * 512 / 256  # BYOL's base lr scaled by batch/256
   c.optimizer.weight_decay, c.optimizer.warmup_steps = 1.5e-6, 1000
   c.checkpoint.every_steps = 2000
-  c.eval.ks = (1, 5, 10, 20)
 
   if "cpu" in v:
-    c.dataset.name = "bach/x10_256"
-    c.total_steps, c.log_every = 1000, 25
-    c.input.batch_size, c.input.image_size, c.input.eval_batch_size = 32, 96, 64
-    c.model.depth, c.model.width, c.model.dtype = 18, 0.5, "float32"
+    bach_on_cpu(c)
+    c.total_steps = 1000
+    c.input.batch_size, c.input.image_size = 32, 96
     c.model.head.projector_hidden, c.model.head.predictor_hidden = 512, 512
     c.model.head.projector_dim = 128
     c.optimizer.lr, c.optimizer.warmup_steps = 0.2 * 32 / 256, 50
-    c.checkpoint.every_steps = 250
   for size in ("quickstart", "tiny"):
     if size in v:
       shrink_to_synthetic(c, size)

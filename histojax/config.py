@@ -167,6 +167,26 @@ def shrink_to_synthetic(c: ml_collections.ConfigDict, size: str) -> None:
   c.mesh.data = -1
 
 
+def use_bach(c: ml_collections.ConfigDict) -> None:
+  """Points a method config at BACH at accelerator scale: `bach/default` (224 px
+  tiles at 20x, split per photo), gallery train, queries test, bf16 compute."""
+  c.dataset.name = "bach/default"
+  c.dataset.gallery_split, c.dataset.query_split = "train", "test"
+  c.input.image_size, c.input.eval_batch_size = 224, 512
+  c.model.dtype = "bfloat16"
+  c.eval.ks = (1, 5, 10, 20)
+
+
+def bach_on_cpu(c: ml_collections.ConfigDict) -> None:
+  """The CPU scale of a BACH config: `bach/x10_256` (256 px tiles at 10x, 1561
+  train tiles) and a half-width ResNet-18-sized trunk in fp32. The method config
+  then sets crop size, batch and steps so the run fits in ~25 min on 2 cores."""
+  c.dataset.name = "bach/x10_256"
+  c.log_every, c.input.eval_batch_size = 25, 64
+  c.model.depth, c.model.width, c.model.dtype = 18, 0.5, "float32"
+  c.checkpoint.every_steps = 250
+
+
 CLASS_COUNT_FIELDS = ("num_classes", "probe_classes")  # in model.head; -1 means "the dataset's"
 
 
