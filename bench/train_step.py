@@ -16,11 +16,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bench import common
+from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
 
 
 def measure(config, steps: int) -> dict:
+  b, s, m = config.input.batch_size, config.input.image_size, config.input.m_per_class
+  # No dataset is read here: heads sized "by the dataset" (-1) get the batch's classes.
+  config_lib.resolve_class_counts(config, b // m)
   mesh = mesh_lib.make_mesh(config.mesh)
   trainer, state = step_lib.create(config, mesh)
   rng = jax.random.key(0)
@@ -30,7 +34,6 @@ def measure(config, steps: int) -> dict:
   compiled = step_lib.jit_train_step(trainer, state).lower(state, spec, jax.eval_shape(lambda: rng)).compile()
   compile_s = time.perf_counter() - start
   r = np.random.default_rng(0)
-  b, s, m = config.input.batch_size, config.input.image_size, config.input.m_per_class
   batch = {name: r.integers(0, 256, (b, s, s, 3), dtype=np.uint8) for name in spec if name != "label"}
   batch["label"] = np.repeat(np.arange(b // m), m).astype(np.int32)
   batch = mesh_lib.to_global(batch, mesh)

@@ -7,7 +7,7 @@ cross-entropy on an auxiliary classifier over the first descriptor.
 
     python -m histojax.train --config configs/bach_cgd.py --workdir gs://BUCKET/bach_cgd
 
-Variants: cpu (~20 min on 2 cores), quickstart (synthetic, ~1 min), tiny (tests).
+Variants: cpu (~12 min on 2 cores, from the step rate), quickstart (synthetic, ~1 min), tiny (tests).
 """
 
 from histojax.config import bach_on_cpu, base_config, parse_variants, shrink_to_synthetic, use_bach

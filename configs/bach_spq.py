@@ -7,7 +7,7 @@ gallery is exported as codes and searched by asymmetric distance (ADC).
 
     python -m histojax.train --config configs/bach_spq.py --workdir gs://BUCKET/bach_spq
 
-Variants: cpu (~25 min on 2 cores), quickstart (synthetic, ~2 min), tiny (tests).
+Variants: cpu (~12 min on 2 cores, from the step rate), quickstart (synthetic, ~2 min), tiny (tests).
 """
 
 from histojax.config import bach_on_cpu, base_config, parse_variants, shrink_to_synthetic, use_bach

@@ -10,7 +10,7 @@ reference result on the original task is 87.58%.
     python -m histojax.prepare --dataset pair_query --manual_dir ~/data/pair_task
     python -m histojax.train --config configs/pair_query_byol.py --workdir gs://BUCKET/pairs_byol
 
-Variants: cpu (~25 min on 2 cores), tiny (tests).
+Variants: cpu (~12 min on 2 cores, from the step rate), tiny (tests).
 """
 
 from histojax.config import base_config, parse_variants, shrink_to_synthetic

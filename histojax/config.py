@@ -180,7 +180,7 @@ def use_bach(c: ml_collections.ConfigDict) -> None:
 def bach_on_cpu(c: ml_collections.ConfigDict) -> None:
   """The CPU scale of a BACH config: `bach/x10_256` (256 px tiles at 10x, 1561
   train tiles) and a half-width ResNet-18-sized trunk in fp32. The method config
-  then sets crop size, batch and steps so the run fits in ~25 min on 2 cores."""
+  then sets crop size, batch and steps so the run fits well inside 30 min on 2 cores."""
   c.dataset.name = "bach/x10_256"
   c.log_every, c.input.eval_batch_size = 25, 64
   c.model.depth, c.model.width, c.model.dtype = 18, 0.5, "float32"
