@@ -89,10 +89,34 @@ require_shared() {
   fi
 }
 
-# gcloud_scope: the --zone/--project flags every gcloud TPU command takes.
-gcloud_scope() {
+# tpu_flag ARGS...: parses the flag at the front of ARGS if it is one every TPU
+# script takes (--name, --zone, --project, --dry-run, --help) and sets TAKEN to
+# the words it used; anything else is an unknown argument. The script's own
+# flags are matched before it: `*) tpu_flag "$@"; shift "$TAKEN" ;;`.
+tpu_flag() {
+  # shellcheck disable=SC2034  # NAME, ZONE, PROJECT are read by the scripts
+  case "$1" in
+    --name) NAME="$(value "$@")"; TAKEN=2 ;;
+    --zone) ZONE="$(value "$@")"; TAKEN=2 ;;
+    --project) PROJECT="$(value "$@")"; TAKEN=2 ;;
+    --dry-run) DRY_RUN=1; TAKEN=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown argument '$1' (${UNKNOWN_HINT:-see --help})" ;;
+  esac
+}
+
+# tpu_target: --name and --zone are required; sets SCOPE, the --zone/--project
+# flags every gcloud TPU command takes.
+tpu_target() {
+  require name "$NAME"
+  require zone "$ZONE"
   SCOPE=("--zone=$ZONE")
   if [[ -n "${PROJECT:-}" ]]; then
     SCOPE+=("--project=$PROJECT")
   fi
+}
+
+# no_passthrough: the script takes nothing after a bare --.
+no_passthrough() {
+  [[ ${#PASSTHROUGH[@]} -eq 0 ]] || die "$(basename "$0") takes no arguments after --"
 }

@@ -17,25 +17,18 @@ split_args "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$(value "$@")"; shift 2 ;;
-    --zone) ZONE="$(value "$@")"; shift 2 ;;
-    --project) PROJECT="$(value "$@")"; shift 2 ;;
     --accelerator-type) TYPE="$(value "$@")"; shift 2 ;;
     --runtime-version) RUNTIME="$(value "$@")"; shift 2 ;;
     --queued) QUEUED=1; shift ;;
     --spot) SPOT=1; shift ;;
     --poll-seconds) POLL="$(value "$@")"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    *) tpu_flag "$@"; shift "$TAKEN" ;;
   esac
 done
-require name "$NAME"
-require zone "$ZONE"
+tpu_target
 require accelerator-type "$TYPE"
 require runtime-version "$RUNTIME"
-[[ ${#PASSTHROUGH[@]} -eq 0 ]] || die "tpu_create.sh takes no arguments after --"
-gcloud_scope
+no_passthrough
 
 EXTRA=()
 if [[ "$SPOT" == 1 ]]; then

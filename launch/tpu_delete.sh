@@ -13,19 +13,12 @@ split_args "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$(value "$@")"; shift 2 ;;
-    --zone) ZONE="$(value "$@")"; shift 2 ;;
-    --project) PROJECT="$(value "$@")"; shift 2 ;;
     --queued) QUEUED=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    *) tpu_flag "$@"; shift "$TAKEN" ;;
   esac
 done
-require name "$NAME"
-require zone "$ZONE"
-[[ ${#PASSTHROUGH[@]} -eq 0 ]] || die "tpu_delete.sh takes no arguments after --"
-gcloud_scope
+tpu_target
+no_passthrough
 
 if [[ "$QUEUED" == 1 ]]; then
   # --force also deletes the TPU VM the queued resource created.

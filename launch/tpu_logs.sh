@@ -17,23 +17,16 @@ split_args "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$(value "$@")"; shift 2 ;;
-    --zone) ZONE="$(value "$@")"; shift 2 ;;
-    --project) PROJECT="$(value "$@")"; shift 2 ;;
     --worker) WORKER="$(value "$@")"; shift 2 ;;
     --lines) LINES="$(value "$@")"; shift 2 ;;
     --follow) FOLLOW=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    *) tpu_flag "$@"; shift "$TAKEN" ;;
   esac
 done
-require name "$NAME"
-require zone "$ZONE"
+tpu_target
 [[ "$WORKER" == all || "$WORKER" =~ ^[0-9]+$ ]] || die "--worker must be a worker number or 'all', got '$WORKER'"
 [[ "$LINES" =~ ^[0-9]+$ ]] || die "--lines must be a number, got '$LINES'"
-[[ ${#PASSTHROUGH[@]} -eq 0 ]] || die "tpu_logs.sh takes no arguments after --"
-gcloud_scope
+no_passthrough
 
 TAIL="tail -n $LINES"
 if [[ "$FOLLOW" == 1 ]]; then

@@ -18,19 +18,12 @@ split_args "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$(value "$@")"; shift 2 ;;
-    --zone) ZONE="$(value "$@")"; shift 2 ;;
-    --project) PROJECT="$(value "$@")"; shift 2 ;;
     --python) PYTHON_VERSION="$(value "$@")"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    *) tpu_flag "$@"; shift "$TAKEN" ;;
   esac
 done
-require name "$NAME"
-require zone "$ZONE"
-[[ ${#PASSTHROUGH[@]} -eq 0 ]] || die "tpu_setup.sh takes no arguments after --"
-gcloud_scope
+tpu_target
+no_passthrough
 
 JAX_VERSION="$(sed -n 's/^jax==\([^[:space:]]*\).*/\1/p' "$REPO_DIR/requirements.txt")"
 [[ -n "$JAX_VERSION" ]] || die "requirements.txt does not pin jax==<version>"

@@ -15,19 +15,11 @@ NAME="" ZONE="" PROJECT=""
 split_args "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name) NAME="$(value "$@")"; shift 2 ;;
-    --zone) ZONE="$(value "$@")"; shift 2 ;;
-    --project) PROJECT="$(value "$@")"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
-  esac
+  tpu_flag "$@"
+  shift "$TAKEN"
 done
-require name "$NAME"
-require zone "$ZONE"
-[[ ${#PASSTHROUGH[@]} -eq 0 ]] || die "tpu_stop.sh takes no arguments after --"
-gcloud_scope
+tpu_target
+no_passthrough
 
 # Only the pid tpu_train.sh recorded: never a process matched by name.
 # shellcheck disable=SC2016  # $(...) is for the worker's shell

@@ -17,32 +17,26 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
+UNKNOWN_HINT="see --help; arguments for histojax.train go after --"
 NAME="" ZONE="" PROJECT="" CONFIG="" WORKDIR="" DATA_DIR="" FOREGROUND=0
 split_args "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$(value "$@")"; shift 2 ;;
-    --zone) ZONE="$(value "$@")"; shift 2 ;;
-    --project) PROJECT="$(value "$@")"; shift 2 ;;
     --config) CONFIG="$(value "$@")"; shift 2 ;;
     --workdir) WORKDIR="$(value "$@")"; shift 2 ;;
     --data-dir) DATA_DIR="$(value "$@")"; shift 2 ;;
     --foreground) FOREGROUND=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help; arguments for histojax.train go after --)" ;;
+    *) tpu_flag "$@"; shift "$TAKEN" ;;
   esac
 done
-require name "$NAME"
-require zone "$ZONE"
+tpu_target
 require config "$CONFIG"
 require workdir "$WORKDIR"
 require data-dir "$DATA_DIR"
 require_shared workdir "$WORKDIR"
 require_shared data-dir "$DATA_DIR"
 [[ -f "$REPO_DIR/${CONFIG%%:*}" ]] || die "--config: no such file ${CONFIG%%:*} in $REPO_DIR"
-gcloud_scope
 
 # The worker's shell expands ~; every other word is quoted for it.
 # shellcheck disable=SC2088
