@@ -13,7 +13,6 @@ index.html). The metrics are also printed as a table.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import ml_collections
@@ -21,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, distributed, export, index, metrics, monitor, pairs, report
+from histojax import checkpoint, distributed, export, fileio, index, metrics, monitor, pairs, report
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
@@ -232,17 +231,11 @@ def dataset_pairs(config) -> dict | None:
 
 def write_pair_answers(path: epath.Path, decisions) -> None:
   """One row per query pair: both patch ids and the decision (1 same class, 0 different)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  staging = path.parent / f".{path.name}.partial"
-  staging.write_text("patch_a,patch_b,same\n" + "".join(f"{a},{b},{same}\n" for a, b, same in decisions))
-  staging.replace(path)
+  fileio.write_atomic(path, "patch_a,patch_b,same\n" + "".join(f"{a},{b},{same}\n" for a, b, same in decisions))
 
 
 def write_metrics(path: epath.Path, results: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  staging = path.parent / f".{path.name}.partial"
-  staging.write_text(json.dumps(results, indent=2, sort_keys=True))
-  staging.replace(path)  # atomic overwrite
+  fileio.write_json(path, results)
 
 
 def format_table(results: dict) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from histojax import fileio
 from histojax import mesh as mesh_lib
 from histojax import pq
 from histojax import step as step_lib
@@ -179,19 +180,6 @@ def _open_staging(staging: epath.Path, manifest: dict, ranges) -> np.ndarray:
   return done
 
 
-def _save_npy(path: epath.Path, array: np.ndarray) -> None:
-  """Writes next to `path` then renames, so a chunk is either whole or absent."""
-  partial = path.parent / f".{path.name}.partial"
-  with partial.open("wb") as f:
-    np.save(f, array)
-  partial.replace(path)
-
-
-def _load_npy(path: epath.Path) -> np.ndarray:
-  with path.open("rb") as f:
-    return np.load(f)
-
-
 def embed_resumable(trainer, state, source, input_cfg, staging: epath.Path, manifest: dict,
                     chunk_examples: int = CHUNK_EXAMPLES) -> np.ndarray:
   """`embed_source` chunk by chunk, saving each chunk to `staging` and skipping saved ones."""
@@ -201,12 +189,12 @@ def embed_resumable(trainer, state, source, input_cfg, staging: epath.Path, mani
   for (start, stop), finished in zip(ranges, done):
     path = _chunk_path(staging, start, stop)
     if finished:
-      parts.append(_load_npy(path))
+      parts.append(fileio.load_npy(path))
       continue
     part = embed_source(trainer, state, _Rows(source, start, stop), input_cfg.image_size,
                         input_cfg.eval_batch_size, input_cfg.num_workers)
     if jax.process_index() == 0:
-      _save_npy(path, part)
+      fileio.save_npy(path, part)
     parts.append(part)
   if not parts:
     raise RuntimeError("export of an empty split: nothing to embed")
@@ -238,7 +226,7 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
     return existing
   source = sources.open_split(config.dataset.name, split, config.dataset.data_dir)
   meta = sources.read_metadata(source)
-  staging = directory.parent / f".{directory.name}.partial"
+  staging = fileio.staging_path(directory)
   embeddings = embed_resumable(trainer, state, source, config.input, staging, wanted, chunk_examples)
   codebooks, metric = model_codebooks(trainer, state)
   codes = None if codebooks is None else pq.encode(embeddings, codebooks, metric)
@@ -256,15 +244,13 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
 
 def _write(directory: epath.Path, staging: epath.Path, export: Export) -> None:
   """Completes the staging folder and swaps it in; the old export is removed last."""
-  with (staging / "embeddings.npy").open("wb") as f:
-    np.save(f, export.embeddings)
-  with (staging / "metadata.npz").open("wb") as f:
-    np.savez(f, **export.rows())
+  fileio.save_npy(staging / "embeddings.npy", export.embeddings)
+  fileio.save_npz(staging / "metadata.npz", **export.rows())
   if export.codes is not None:
-    _save_npy(staging / "codes.npy", export.codes)
-    _save_npy(staging / "codebooks.npy", export.codebooks)
+    fileio.save_npy(staging / "codes.npy", export.codes)
+    fileio.save_npy(staging / "codebooks.npy", export.codebooks)
   (staging / "chunks").rmtree()
-  (staging / "manifest.json").write_text(json.dumps(export.manifest, indent=2, sort_keys=True))
+  fileio.write_json(staging / "manifest.json", export.manifest)
   old = directory.parent / f".{directory.name}.old"
   if old.exists():
     old.rmtree()
@@ -280,12 +266,11 @@ def load(directory: epath.PathLike) -> Export:
   if not (directory / "manifest.json").exists():
     raise FileNotFoundError(f"{directory} holds no export (no manifest.json)")
   manifest = json.loads((directory / "manifest.json").read_text())
-  embeddings = _load_npy(directory / "embeddings.npy")
-  with (directory / "metadata.npz").open("rb") as f:
-    meta = dict(np.load(f))
+  embeddings = fileio.load_npy(directory / "embeddings.npy")
+  meta = fileio.load_npz(directory / "metadata.npz")
   codes = codebooks = None
   if (directory / "codes.npy").exists():
-    codes, codebooks = _load_npy(directory / "codes.npy"), _load_npy(directory / "codebooks.npy")
+    codes, codebooks = fileio.load_npy(directory / "codes.npy"), fileio.load_npy(directory / "codebooks.npy")
   if len(embeddings) != manifest.get("count", len(embeddings)) or len(meta["label"]) != len(embeddings):
     raise ValueError(f"{directory}: {len(embeddings)} embeddings, {len(meta['label'])} labels, "
                      f"manifest count {manifest.get('count')}; delete the folder to export again")

@@ -313,7 +313,7 @@ def save(index: Index, directory: epath.PathLike, manifest: dict, rows: dict[str
     if rows is not None:
       np.savez(tmp / "rows.npz", **rows)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    staging = directory.parent / f".{directory.name}.partial"
+    staging = fileio.staging_path(directory)
     if staging.exists():
       staging.rmtree()
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -345,9 +345,9 @@ def load(directory: epath.PathLike) -> tuple[Index, dict]:
   mode = manifest["mode"]
   gallery = codes = codebooks = searcher = None
   if mode == "adc":
-    codes, codebooks = _load_npy(directory / "codes.npy"), _load_npy(directory / "codebooks.npy")
+    codes, codebooks = fileio.load_npy(directory / "codes.npy"), fileio.load_npy(directory / "codebooks.npy")
   elif mode == "exact":
-    gallery = _load_npy(directory / "gallery.npy")
+    gallery = fileio.load_npy(directory / "gallery.npy")
   else:
     import scann
     with fileio.local_copy(directory / "scann") as local:  # ScaNN reads local folders only
@@ -356,18 +356,12 @@ def load(directory: epath.PathLike) -> tuple[Index, dict]:
                manifest["count"], manifest["dim"]), manifest
 
 
-def _load_npy(path: epath.Path) -> np.ndarray:
-  with path.open("rb") as f:  # through epath: gs:// too
-    return np.load(f)
-
-
 def load_rows(directory: epath.PathLike) -> dict[str, np.ndarray]:
   """Per-row metadata saved with the index (label, source_id, coords)."""
   path = epath.Path(directory) / "rows.npz"
   if not path.exists():
     raise FileNotFoundError(f"index {directory} has no rows.npz (labels and ids of its gallery rows)")
-  with path.open("rb") as f:
-    return dict(np.load(f))
+  return fileio.load_npz(path)
 
 
 def load_if_matching(directory: epath.PathLike, expected: dict) -> tuple[Index, dict] | None:

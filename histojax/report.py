@@ -23,6 +23,8 @@ import PIL.ImageDraw
 import PIL.ImageFont
 from etils import epath
 
+from histojax import fileio
+
 CORRECT, WRONG, QUERY = (26, 152, 80), (215, 48, 39), (69, 117, 180)
 INK, PAPER, MUTED = (30, 30, 30), (255, 255, 255), (150, 150, 150)
 
@@ -43,10 +45,8 @@ def font(size: int) -> PIL.ImageFont.ImageFont:
 
 
 def _save_png(image: PIL.Image.Image, path: epath.Path) -> None:
-  partial = path.parent / f".{path.name}.partial"
-  with partial.open("wb") as f:
+  with fileio.atomic_open(path) as f:
     image.save(f, format="PNG")
-  partial.replace(path)
 
 
 def _text_width(draw, text: str, f) -> int:
@@ -252,7 +252,5 @@ def write_report(eval_dir: epath.PathLike, results: dict, class_names: list[str]
   figures = [("confusion.png", "Confusion: " + "; ".join(title for title, _ in confusions)),
              ("retrieval_grid.png", grid_title or "Queries and their top-k gallery patches")]
   page = eval_dir / "index.html"
-  partial = eval_dir / ".index.html.partial"
-  partial.write_text(index_html(results, class_names, figures))
-  partial.replace(page)
+  fileio.write_atomic(page, index_html(results, class_names, figures))
   return {"confusion": str(eval_dir / "confusion.png"), "grid": str(eval_dir / "retrieval_grid.png"), "html": str(page)}
