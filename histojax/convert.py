@@ -80,6 +80,7 @@ def summary(manifest: dict, output: str) -> str:
 
 
 def main(argv):
+  """The command line; the work is `convert(...)`."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
@@ -89,7 +90,7 @@ def main(argv):
   print(summary(manifest, FLAGS.output))
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
   flags.DEFINE_enum("format", None, sorted(weights.FORMATS), "Published layout of --input.", required=True)
   flags.DEFINE_string("input", None, "Checkpoint file: .safetensors, .npz, .pt/.pth/.bin.", required=True)
   flags.DEFINE_string("output", None, "New folder for the converted weights.", required=True)
@@ -98,4 +99,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("prefix", "", "Keep only tensors whose names start with this, stripped (e.g. 'backbone.').")
   flags.DEFINE_string("allow_missing", "", "Comma-separated backbone variable prefixes that may stay freshly "
                       "initialised (e.g. 'mask_' for mixed_attention from SE-ResNet weights).")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

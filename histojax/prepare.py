@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from histojax import monitor
+from histojax import datasets, monitor  # noqa: F401  (datasets: registers the builders)
 from histojax.data import sources
 from tfds_builders.common import BuildError
 
@@ -41,22 +41,27 @@ def format_summary(summary: dict) -> str:
   return "\n".join(lines)
 
 
+def run(dataset: str, config: str | None = None, data_dir: str = "", manual_dir: str = "",
+        workers: int | None = None, skip_corrupt: bool = False) -> dict:
+  """Builds `dataset[/config]` if needed; returns its summary (`sources.summary`)."""
+  name = f"{dataset}/{config}" if config else dataset
+  return sources.prepare(name, data_dir or "", manual_dir or "", skip_corrupt=skip_corrupt, workers=workers)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
   monitor.quiet_libraries()
-  name = f"{FLAGS.dataset}/{FLAGS.config}" if FLAGS.config else FLAGS.dataset
   try:
-    summary = sources.prepare(name, FLAGS.data_dir or "", FLAGS.manual_dir or "",
-                              skip_corrupt=FLAGS.skip_corrupt, workers=FLAGS.workers)
+    summary = run(FLAGS.dataset, FLAGS.config, FLAGS.data_dir, FLAGS.manual_dir, FLAGS.workers, FLAGS.skip_corrupt)
   except BuildError as e:
     print(f"error: {e}", file=sys.stderr)  # the message is the help; a traceback would bury it
     sys.exit(1)
   print(format_summary(summary))
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
   flags.DEFINE_string("dataset", None, "TFDS dataset name, e.g. synthetic_tissue.", required=True)
   flags.DEFINE_string("config", None, "Builder config (variant), e.g. tiny.")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir; default $TFDS_DATA_DIR or ~/tensorflow_datasets.")
@@ -64,4 +69,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("workers", None, "Processes preparing images; default: one per CPU core.")
   flags.DEFINE_bool("skip_corrupt", False, "Leave out (and count) images that cannot be decoded, "
                     "instead of stopping the build.")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

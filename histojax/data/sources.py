@@ -2,19 +2,21 @@
 
 Images are read as encoded bytes (`SkipDecoding`) and decoded with PIL in the
 Grain pipeline, so no TensorFlow is needed anywhere.
+
+Datasets are found by name through TFDS's registry. This module does not
+import the project's builders (`tfds_builders`, which import the data layer
+themselves): the entry points register them by importing `histojax.datasets`.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import time
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-
-import tfds_builders  # noqa: F401  (registers our builders with TFDS)
-from tfds_builders.common import TiledBuilder
 
 
 def builder(name: str, data_dir: str = "", **builder_kwargs) -> tfds.core.DatasetBuilder:
@@ -28,12 +30,12 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: b
   TFDS writes into an `incomplete.*` folder and renames it only once every
   split is written, so an interrupted build never reads as prepared.
   `skip_corrupt` and `workers` (processes) apply to the archive-reading
-  builders (`tfds_builders.common.TiledBuilder`).
+  builders (`tfds_builders.common.TiledBuilder`, whose constructor takes them).
   """
   kwargs = {}
   if skip_corrupt or workers is not None:
     cls = tfds.builder_cls(name.split("/")[0])
-    if not issubclass(cls, TiledBuilder):
+    if "skip_corrupt" not in inspect.signature(cls.__init__).parameters:
       raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt and workers do not apply")
     kwargs = {"skip_corrupt": skip_corrupt, "workers": workers}
   b = builder(name, data_dir, **kwargs)
