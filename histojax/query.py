@@ -23,7 +23,7 @@ import os
 import numpy as np
 from etils import epath
 
-from histojax import index, metrics
+from histojax import fileio, index, metrics
 from histojax.data import augment, tiling
 
 
@@ -139,6 +139,16 @@ def model_workdir(index_dir: epath.PathLike, manifest: dict, workdir: str | None
 
 # --- The engine ---------------------------------------------------------------------------
 
+def _file_stamp(path: epath.Path) -> tuple | None:
+  if not path.exists():
+    return None
+  if fileio.is_local(path):  # nanoseconds here; an object store gives whole seconds
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+  st = path.stat()
+  return st.mtime, st.length
+
+
 class QueryEngine:
   """An index folder and its query model, loaded once, answering images."""
 
@@ -170,8 +180,8 @@ class QueryEngine:
     self._stamp = self._disk_stamp()
 
   def _disk_stamp(self) -> tuple:
-    return tuple((self.index_dir / name).stat().st_mtime_ns if (self.index_dir / name).exists() else None
-                 for name in ("manifest.json", "rows.npz"))
+    """(modification time, size) of the files an index swap or growth rewrites."""
+    return tuple(_file_stamp(self.index_dir / name) for name in ("manifest.json", "rows.npz"))
 
   def reload_if_changed(self) -> bool:
     """Re-reads the index folder if it changed on disk since it was loaded (a rebuilt or

@@ -7,9 +7,11 @@
 - `retrieval_grid.png`: query patches down the left, their top-k gallery
   patches across, each result framed green when its label is the query's
   and red when not, with its label and similarity under it;
-- `index.html`: the metric tables, per-class table and both figures.
+- `index.html`: the metric tables, per-class table and both figures;
 
-Every file is written beside its destination and renamed into place.
+and `format_table` is the metrics table evaluate prints.
+
+Every file is written through `fileio` (beside its destination, renamed into place).
 """
 
 from __future__ import annotations
@@ -276,9 +278,9 @@ def draw_report(eval_dir: epath.Path, results: dict, gallery, query, neighbors: 
   confusions = [(f"patches: majority vote @{k}", patch), (f"source images: pooled vote @{k}", image)]
 
   rows = pick_grid_queries(query.label, GRID_ROWS, seed)
-  grid = [GridRow(read(results['query_split'], int(q)), int(query.label[q]), str(query.source_id[q]),
-                         [None if n < 0 else (read(results['gallery_split'], int(n)), int(gallery.label[n]),
-                                              float(s)) for n, s in zip(neighbors[q], scores[q])])
+  grid = [GridRow(read(results["query_split"], int(q)), int(query.label[q]), str(query.source_id[q]),
+                  [None if n < 0 else (read(results["gallery_split"], int(n)), int(gallery.label[n]), float(s))
+                   for n, s in zip(neighbors[q], scores[q])])
           for q in rows]
   title = (f"{results['query_split']} queries (down) and their top {k} {results['gallery_split']} patches "
            f"(across), own source image excluded; green: same class, red: other class")
