@@ -1,7 +1,7 @@
 """Build a TFDS dataset from its archive (or, for synthetic data, from nothing).
 
     python -m histojax.prepare --dataset NAME [--config VARIANT] [--manual_dir DIR] [--data_dir DIR]
-                               [--workers N] [--skip_corrupt]
+                               [--workers N] [--skip_corrupt] [--max_pixels N]
 
 Prints examples per split and class, source images, tiles dropped by the
 tissue filter, corrupt images skipped, bytes on disk and seconds taken. A
@@ -42,10 +42,11 @@ def format_summary(summary: dict) -> str:
 
 
 def run(dataset: str, config: str | None = None, data_dir: str = "", manual_dir: str = "",
-        workers: int | None = None, skip_corrupt: bool = False) -> dict:
+        workers: int | None = None, skip_corrupt: bool = False, max_pixels: int | None = None) -> dict:
   """Builds `dataset[/config]` if needed; returns its summary (`sources.summary`)."""
   name = f"{dataset}/{config}" if config else dataset
-  return sources.prepare(name, data_dir or "", manual_dir or "", skip_corrupt=skip_corrupt, workers=workers)
+  return sources.prepare(name, data_dir or "", manual_dir or "", skip_corrupt=skip_corrupt, workers=workers,
+                         max_pixels=max_pixels)
 
 
 def main(argv):
@@ -54,7 +55,8 @@ def main(argv):
   FLAGS = flags.FLAGS
   monitor.quiet_libraries()
   try:
-    summary = run(FLAGS.dataset, FLAGS.config, FLAGS.data_dir, FLAGS.manual_dir, FLAGS.workers, FLAGS.skip_corrupt)
+    summary = run(FLAGS.dataset, FLAGS.config, FLAGS.data_dir, FLAGS.manual_dir, FLAGS.workers, FLAGS.skip_corrupt,
+                  FLAGS.max_pixels)
   except BuildError as e:
     print(f"error: {e}", file=sys.stderr)  # the message is the help; a traceback would bury it
     sys.exit(1)
@@ -69,6 +71,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("workers", None, "Processes preparing images; default: one per CPU core.")
   flags.DEFINE_bool("skip_corrupt", False, "Leave out (and count) images that cannot be decoded, "
                     "instead of stopping the build.")
+  flags.DEFINE_integer("max_pixels", None, "Refuse archive images with more pixels than this, read from the "
+                       "header before decoding; default 2,000,000,000 (tfds_builders.common.MAX_PIXELS).")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import sys
 from typing import Callable
 
 import numpy as np
-import PIL.Image
 from absl import app, flags
+
+from histojax.data import images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 QUERIES_PER_CALL = 8  # images answered together: their tiles share padded device calls
@@ -54,13 +55,11 @@ def query_paths(items: list[str]) -> list[str]:
   return paths
 
 
-def read_image(path: str) -> np.ndarray:
-  """uint8 HxWx3; a file PIL cannot decode raises ValueError naming it."""
-  try:
-    with PIL.Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except (OSError, PIL.Image.DecompressionBombError, ValueError) as e:
-    raise ValueError(f"{path}: not a readable image ({e})") from e
+def read_image(path: str, max_pixels: int = images.DEFAULT_MAX_PIXELS["search"]) -> np.ndarray:
+  """uint8 HxWx3 through the project's one decoder (as the builders read the gallery); a
+  file that cannot be decoded, or declares more than `max_pixels` pixels, raises
+  `images.ImageError` (a ValueError) naming it, before decoding."""
+  return images.read_image(path, max_pixels=max_pixels)
 
 
 # --- Output ------------------------------------------------------------------------
@@ -90,22 +89,25 @@ def format_answer(result: dict) -> str:
 
 # --- The run -------------------------------------------------------------------------
 
-def run(index_dir: str, images: list[str], k: int = 10, emit: Callable[[dict], None] = print,
-        workdir: str | None = None, step: int | None = None, resize: float | None = None) -> int:
+def run(index_dir: str, queries: list[str], k: int = 10, emit: Callable[[dict], None] = print,
+        workdir: str | None = None, step: int | None = None, resize: float | None = None,
+        max_pixels: int = images.DEFAULT_MAX_PIXELS["search"]) -> int:
   """Searches every query image; `emit(answer)` prints one. Returns the exit status
   (0, or 1 when a query failed)."""
   from histojax import query  # noqa: PLC0415  (JAX loads only once the arguments were checked)
 
   if k <= 0:
     raise ValueError(f"--k must be positive, got {k}")
-  paths = query_paths(images)
+  if max_pixels <= 0:
+    raise ValueError(f"--max_pixels must be positive, got {max_pixels}")
+  paths = query_paths(queries)
   engine = query.QueryEngine.open(index_dir, workdir=workdir, step=step, resize=resize)
   status = 0
   for start in range(0, len(paths), QUERIES_PER_CALL):
     batch, failed = [], {}
     for path in paths[start:start + QUERIES_PER_CALL]:
       try:
-        batch.append((path, read_image(path)))
+        batch.append((path, read_image(path, max_pixels)))
       except ValueError as e:
         failed[path] = {"query": path, "error": str(e)}
     answers = {a["query"]: a for a in engine.answer_batch(batch, k)}
@@ -144,20 +146,23 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Query model checkpoint step; default the manifest's.")
   flags.DEFINE_float("resize", None, "Replace the gallery's resize factor, for query images scanned at "
                      "another magnification (e.g. 0.5 for 40x queries against a 20x gallery).")
+  flags.DEFINE_integer("max_pixels", images.DEFAULT_MAX_PIXELS["search"], "Refuse query images with more "
+                       "pixels than this, read from the header before decoding (default: any histology RoI; "
+                       "a decompression bomb is refused).", lower_bound=1)
 
 
 def main(argv: list[str]) -> int:
   from absl import logging  # noqa: PLC0415
   FLAGS = flags.FLAGS
-  images = list(FLAGS.images) + list(argv[1:])  # `--images a.png slides/`: the rest are positional
-  if not images:
+  paths = list(FLAGS.images) + list(argv[1:])  # `--images a.png slides/`: the rest are positional
+  if not paths:
     raise app.UsageError("give query images: --images FILE_OR_DIR [more paths]")
   logging.set_verbosity(logging.WARNING)
   with stdout_reserved() as answers:
     emit = ((lambda r: print(json.dumps(r), file=answers)) if FLAGS.json
             else (lambda r: print(format_answer(r), file=answers)))
     try:
-      return run(FLAGS.index, images, FLAGS.k, emit, FLAGS.workdir, FLAGS.step, FLAGS.resize)
+      return run(FLAGS.index, paths, FLAGS.k, emit, FLAGS.workdir, FLAGS.step, FLAGS.resize, FLAGS.max_pixels)
     except (FileNotFoundError, ValueError) as e:  # ManifestMismatch is a ValueError
       print(f"error: {e}", file=sys.stderr)
       return 2
