@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 
 from histojax import mesh as mesh_lib
-from histojax import pq
+from histojax import pq, untrusted
 from histojax import step as step_lib
 from histojax.data import pipeline, sources, tiling
 from histojax.models import embedder
@@ -188,8 +188,7 @@ def _save_npy(path: epath.Path, array: np.ndarray) -> None:
 
 
 def _load_npy(path: epath.Path) -> np.ndarray:
-  with path.open("rb") as f:
-    return np.load(f)
+  return untrusted.load_npy(path)  # sizes checked, pickles refused, errors name the file
 
 
 def embed_resumable(trainer, state, source, input_cfg, staging: epath.Path, manifest: dict,
@@ -279,10 +278,13 @@ def load(directory: epath.PathLike) -> Export:
   directory = epath.Path(directory)
   if not (directory / "manifest.json").exists():
     raise FileNotFoundError(f"{directory} holds no export (no manifest.json)")
-  manifest = json.loads((directory / "manifest.json").read_text())
+  manifest = untrusted.read_json(directory / "manifest.json", "export manifest")
   embeddings = _load_npy(directory / "embeddings.npy")
-  with (directory / "metadata.npz").open("rb") as f:
-    meta = dict(np.load(f))
+  meta = untrusted.load_npz(directory / "metadata.npz")
+  missing = sorted({"label", "source_id", "coords"} - set(meta))
+  if missing or embeddings.ndim != 2:
+    raise untrusted.CorruptFileError(f"{directory}: damaged export (metadata.npz lacks {missing}, embeddings "
+                                     f"shape {embeddings.shape}); delete the folder to export again")
   codes = codebooks = None
   if (directory / "codes.npy").exists():
     codes, codebooks = _load_npy(directory / "codes.npy"), _load_npy(directory / "codebooks.npy")
@@ -295,7 +297,7 @@ def load(directory: epath.PathLike) -> Export:
 def _load_if_matching(directory: epath.Path, wanted: dict) -> Export | None:
   if not (directory / "manifest.json").exists():
     return None
-  manifest = json.loads((directory / "manifest.json").read_text())
+  manifest = untrusted.read_json(directory / "manifest.json", "export manifest")
   if any(manifest.get(k) != v for k, v in wanted.items()):
     return None
   return load(directory)
