@@ -476,3 +476,18 @@ def test_damaged_recorded_pairs_are_named():
   for bad in ({"query": "ab"}, {"query": [["a"]]}, {"query": [["a", "b"]], "validation": [["a", "b", 7]]}, [1]):
     with pytest.raises(ValueError, match="meta.json: the recorded query pairs are damaged"):
       sources._check_pairs(bad, "meta.json")  # noqa: SLF001
+
+
+# --- Images at the search entry point ---------------------------------------------------
+
+def test_search_refuses_a_bomb_and_says_how_to_raise_the_limit(tmp_path):
+  from histojax import search
+  from histojax.data import images
+  from tests import image_fixtures
+  bomb = tmp_path / "bomb.png"
+  bomb.write_bytes(image_fixtures.png_bomb())
+  assert search.parse(["--index", "x", "--images", "y"]).max_pixels == images.DEFAULT_MAX_PIXELS["search"]
+  with pytest.raises(images.ImageTooLargeError, match="bomb.png: 20000 x 20000 .* raise the limit .*--max_pixels"):
+    search.read_image(str(bomb))
+  with pytest.raises(SystemExit):
+    search.parse(["--index", "x", "--images", "y", "--max_pixels", "0"])
