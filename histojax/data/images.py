@@ -68,7 +68,9 @@ def read_image(source, *, max_pixels: int, name: str | None = None) -> np.ndarra
     try:
       check_pixels(im.size, max_pixels, label)
       im.load()
-      return _to_rgb(PIL.ImageOps.exif_transpose(im))
+      if im.getexif().get(0x0112, 1) != 1:  # only then: exif_transpose copies even upright images
+        im = PIL.ImageOps.exif_transpose(im)
+      return _to_rgb(im)
     except ImageError:
       raise
     except _DECODE_ERRORS as e:

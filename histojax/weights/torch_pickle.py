@@ -329,7 +329,7 @@ def _load_legacy(path: str, max_bytes: int) -> Any:
     def storage(dtype, numel, key):
       return storages.setdefault(key, Storage(dtype, numel, key))
 
-    obj = _Unpickler(f, storage).load()
+    obj = _Unpickler(_Clamped(f, file_size), storage).load()
     _check_total(path, storages, max_bytes)
     keys = _plain(_PlainUnpickler(f).load(), "storage keys", path)
     if not isinstance(keys, (list, tuple)):
@@ -347,6 +347,27 @@ def _load_legacy(path: str, max_bytes: int) -> Any:
   return _resolve(obj, [max_bytes])
 
 
+class _Clamped:
+  """The file as the unpickler sees it: no read asks for more than the file still holds
+  (a pickle declaring a 32 TB bytes object reads as truncated, allocating nothing)."""
+
+  def __init__(self, f, size: int):
+    self._f, self._size = f, size
+
+  def _left(self, n) -> int:
+    left = max(0, self._size - self._f.tell())
+    return left if n is None or n < 0 else min(n, left)
+
+  def read(self, n=-1) -> bytes:
+    return self._f.read(self._left(n))
+
+  def readline(self, n=-1) -> bytes:
+    return self._f.readline(self._left(n))
+
+  def readinto(self, buffer) -> int:
+    return self._f.readinto(memoryview(buffer)[: self._left(len(buffer))])
+
+
 def _read_exact(f, n: int, path: str, key) -> bytes:
   raw = f.read(n)
   if len(raw) != n:
@@ -357,7 +378,7 @@ def _read_exact(f, n: int, path: str, key) -> bytes:
 # What a damaged or hostile pickle can make the unpickler or numpy raise.
 _READ_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, struct.error, zipfile.BadZipFile, ValueError,
                 TypeError, IndexError, AttributeError, OverflowError, UnicodeDecodeError, RecursionError,
-                NotImplementedError, zipfile.LargeZipFile, OSError)
+                NotImplementedError, zipfile.LargeZipFile, OSError, MemoryError)
 
 
 def load(path: str, *, max_bytes: int | None = None) -> Any:
