@@ -166,7 +166,7 @@ def _open_staging(staging: epath.Path, manifest: dict, ranges) -> np.ndarray:
   done = np.zeros(len(ranges), bool)
   if jax.process_index() == 0:
     marker = staging / "manifest.json"
-    if marker.exists() and json.loads(marker.read_text()) == manifest:
+    if marker.exists() and _recorded(marker) == manifest:
       done = np.array([_chunk_path(staging, *r).exists() for r in ranges], bool)
     else:
       if staging.exists():
@@ -177,6 +177,14 @@ def _open_staging(staging: epath.Path, manifest: dict, ranges) -> np.ndarray:
     from jax.experimental import multihost_utils
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
   return done
+
+
+def _recorded(marker: epath.Path) -> dict | None:
+  """The staging folder's manifest; a damaged one reads as none, so the export starts over."""
+  try:
+    return untrusted.read_json(marker, "export staging manifest")
+  except untrusted.CorruptFileError:
+    return None
 
 
 def _save_npy(path: epath.Path, array: np.ndarray) -> None:

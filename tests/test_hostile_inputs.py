@@ -491,3 +491,18 @@ def test_search_refuses_a_bomb_and_says_how_to_raise_the_limit(tmp_path):
     search.read_image(str(bomb))
   with pytest.raises(SystemExit):
     search.parse(["--index", "x", "--images", "y", "--max_pixels", "0"])
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"kind\": ", b"[1, 2]", b"\xff\xfe garbage", b'{"kind": "x"}'])
+def test_damaged_weights_manifest_for_init_from(tmp_path, content):
+  from histojax.weights import store
+  (tmp_path / "manifest.json").write_bytes(content)
+  with pytest.raises(ValueError, match="manifest.json"):
+    store.read_manifest(tmp_path)
+  assert (tmp_path / "manifest.json").read_bytes() == content
+
+
+def test_a_damaged_export_staging_manifest_starts_the_export_over(tmp_path):
+  from histojax import export
+  (tmp_path / "manifest.json").write_bytes(b"{ half a manifest")
+  assert export._recorded(tmp_path / "manifest.json") is None  # noqa: SLF001
