@@ -160,6 +160,12 @@ def _numpy_scalar(dtype, data=None):
   return np.frombuffer(data, dtype)[0]
 
 
+def _latin1_bytes(text, encoding="latin1"):
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}: only latin1 text spells bytes")
+  return codecs.encode(text, "latin1")
+
+
 def _refuse(what):
   def fail(*args):
     raise CheckpointReadError(f"{what} tensors are not supported by the torch-free reader")
@@ -179,7 +185,7 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles spell bytes
+    ("_codecs", "encode"): _latin1_bytes,  # how protocol-2 pickles spell bytes
 }
 
 
