@@ -104,18 +104,21 @@ def save_npz(path: epath.PathLike, **arrays: np.ndarray) -> None:
 
 
 def load_npy(path: epath.PathLike) -> np.ndarray:
-  """`np.load` through epath (gs:// too; `np.load(str)` reads local paths only)."""
+  """A `.npy` array read through epath (gs:// too; `np.load(str)` reads local paths only)
+  by `untrusted.load_npy`: header checked against the file's size, object arrays
+  (pickles) refused, a damaged file named (`untrusted.CorruptFileError`)."""
+  from histojax import untrusted  # noqa: PLC0415
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
-  with path.open("rb") as f:
-    return np.load(f)
+  return untrusted.load_npy(path)
 
 
 def load_npz(path: epath.PathLike) -> dict[str, np.ndarray]:
-  """Every array of an `.npz` file, read through epath, as a dict."""
+  """Every array of an `.npz` file, as a dict, read through epath by `untrusted.load_npz`
+  (member sizes checked, object arrays refused)."""
+  from histojax import untrusted  # noqa: PLC0415
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
-  with path.open("rb") as f:
-    return dict(np.load(f))
+  return untrusted.load_npz(path)
