@@ -104,7 +104,7 @@ def test_search_cli_prints_one_json_object_per_query(trained, tmp_path):
   assert done.returncode == 1, done.stderr[-2000:]  # the broken file
   answers = [json.loads(line) for line in done.stdout.splitlines()]
   assert [a["query"] for a in answers] == [str(big), str(broken)]
-  assert answers[1]["error"].startswith(f"{broken}: not an image")  # the decoder names the file
+  assert answers[1]["error"].startswith(f"{broken}: not a readable image")  # the decoder names the file
   whole = answers[0]
   assert whole["tiles_searched"] == 4 and whole["tiles_dropped"] == 0
   assert whole["vote"]["label"] == "tumour" and sum(whole["vote"]["votes"].values()) == 20
