@@ -411,7 +411,8 @@ def corrupt_image_error(error: str) -> CorruptImageError:
 
 def _corrupt_image_in(runner_error: str) -> str:
   """corrupt_image_error's message, when a Beam worker raised it (the runner keeps only its text)."""
-  found = re.search(r"CorruptImageError: (cannot decode image .*?count it\.)", runner_error, re.DOTALL)
+  found = re.search(r"CorruptImageError: (.+?--skip_corrupt to leave it out and count it\.)", runner_error,
+                    re.DOTALL)
   return found.group(1) if found else ""
 
 
