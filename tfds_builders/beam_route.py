@@ -29,10 +29,10 @@ def _namespace(split: str) -> str:
   return f"{NAMESPACE}/{split}"
 
 
-def prepare_examples(source: common.SourceImage, spec: common.ImageSpec, split: str,
-                     skip_corrupt: bool) -> list[tuple[str, dict[str, Any]]]:
+def prepare_examples(source: common.SourceImage, spec: common.ImageSpec, split: str, skip_corrupt: bool,
+                     max_pixels: int = common.MAX_PIXELS) -> list[tuple[str, dict[str, Any]]]:
   """One source image's examples, counted; a corrupt image stops the job unless skipped."""
-  result = common.prepare_source(source, spec)
+  result = common.prepare_source(source, spec, max_pixels)
   namespace = _namespace(split)
   if result.error:
     if not skip_corrupt:
@@ -49,11 +49,12 @@ def prepare_examples(source: common.SourceImage, spec: common.ImageSpec, split: 
 
 @beam.ptransform_fn
 def prepare_split(pipeline, sources: Sequence[common.SourceImage], spec: common.ImageSpec, split: str,
-                  skip_corrupt: bool):
+                  skip_corrupt: bool, max_pixels: int = common.MAX_PIXELS):
   # Create reshuffles its elements, so the images spread over the workers.
   return (pipeline
           | "Sources" >> beam.Create(list(sources))
-          | "PrepareSource" >> beam.FlatMap(prepare_examples, spec=spec, split=split, skip_corrupt=skip_corrupt))
+          | "PrepareSource" >> beam.FlatMap(prepare_examples, spec=spec, split=split, skip_corrupt=skip_corrupt,
+                                            max_pixels=max_pixels))
 
 
 def split_stats(result, split: str, sources: Sequence[common.SourceImage]) -> dict[str, Any]:

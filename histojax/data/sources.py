@@ -26,24 +26,27 @@ BEAM_RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 
 
 def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: bool = False,
-            workers: int | None = None, beam_runner: str | None = None,
+            workers: int | None = None, max_pixels: int | None = None, beam_runner: str | None = None,
             beam_options: Sequence[str] = ()) -> dict[str, Any]:
   """Builds the dataset if needed and returns a summary of what is on disk.
 
   TFDS writes into an `incomplete.*` folder and renames it only once every
   split is written, so an interrupted build never reads as prepared.
-  `skip_corrupt` and `workers` (processes) apply to the archive-reading
-  builders (`tfds_builders.common.TiledBuilder`), and so does `beam_runner`:
-  it prepares the images as an Apache Beam pipeline on that runner, with
+  `skip_corrupt`, `workers` (processes) and `max_pixels` (per image; default
+  `tfds_builders.common.MAX_PIXELS`) apply to the archive-reading builders
+  (`tfds_builders.common.TiledBuilder`), and so does `beam_runner`: it
+  prepares the images as an Apache Beam pipeline on that runner, with
   `beam_options` its pipeline flags (e.g. `--project=...`, `--region=...`).
   """
   kwargs = {}
-  if skip_corrupt or workers is not None or beam_runner or beam_options:
+  if skip_corrupt or workers is not None or max_pixels is not None or beam_runner or beam_options:
     cls = tfds.builder_cls(name.split("/")[0])
     if not issubclass(cls, TiledBuilder):
-      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt, workers and the Beam "
-                       "route do not apply")
+      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt, workers, max_pixels and "
+                       "the Beam route do not apply")
     kwargs = {"skip_corrupt": skip_corrupt, "workers": workers}
+    if max_pixels is not None:
+      kwargs["max_pixels"] = max_pixels
   b = builder(name, data_dir, **kwargs)
   start = time.perf_counter()
   if not b.is_prepared():
