@@ -370,9 +370,9 @@ def _load_searcher(folder: epath.Path):
   if strange:
     raise untrusted.CorruptFileError(f"{folder} holds files no histojax index has ({', '.join(strange)}); "
                                      "refused without loading (a .pkl there would be unpickled by ScaNN)")
-  for npy in folder.glob("*.npy"):
-    untrusted.check_npy(npy)  # sizes checked and object arrays refused before ScaNN reads them
   with fileio.local_copy(folder) as local:  # ScaNN reads local folders only
+    for npy in local.glob("*.npy"):  # the very bytes ScaNN will read, checked first:
+      untrusted.check_npy(npy)  # sizes against the file, object arrays refused
     try:
       return scann.scann_ops_pybind.load_searcher(str(local), assets_backcompat_shim=False)
     except (RuntimeError, IndexError, ValueError, UnicodeDecodeError, OSError) as e:
