@@ -409,7 +409,8 @@ def run_add(index_dir: str, images: list[str], label: str | None = None, workdir
 
 
 def main(argv) -> int:
-  from absl import flags  # noqa: PLC0415
+  from absl import flags, logging  # noqa: PLC0415
+  logging.set_verbosity(logging.WARNING)
   args = argv[1:]
   if len(args) != 1 or args[0] not in ("add", "remove"):
     raise SystemExit(f"usage: python -m histojax.index add|remove --index DIR ...; got {args}")
