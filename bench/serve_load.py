@@ -3,10 +3,11 @@
     python -m bench.serve_load --index WORKDIR/index [--clients 1,8,32] [--seconds 20]
 
 For batching on and off (`--nobatching` on the server), starts
-`python -m histojax.serve` as its own process, warms it up (every padded
-batch shape compiles once), then for each client count runs that many
-threads, each sending searches back to back over one keep-alive connection
-for `--seconds`. Recorded per run: latency p50/p95/p99 (ms), queries/s,
+`python -m histojax.serve` as its own process, then for each client count
+runs that many threads, each sending searches back to back over one
+keep-alive connection, first `--warmup_seconds` unmeasured (every padded
+batch shape compiles once), then `--seconds` measured. Recorded per run:
+latency p50/p95/p99 (ms), queries/s,
 errors (any non-200 or failed request), and the server's mean batch size.
 Queries are painted 64 px patches (one tile each, the "drop a patch" case)
 unless `--images` names files.
@@ -37,7 +38,7 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "query model workdir (default: the manifest's)")
   flags.DEFINE_list("clients", ["1", "8", "32"], "concurrent client counts")
   flags.DEFINE_float("seconds", 20.0, "measured seconds per client count")
-  flags.DEFINE_float("warmup_seconds", 8.0, "unmeasured load before each server's runs")
+  flags.DEFINE_float("warmup_seconds", 6.0, "unmeasured load before each measured run")
   flags.DEFINE_list("images", [], "query image files (default: 16 painted 64 px patches)")
   flags.DEFINE_integer("k", 10, "neighbours per tile")
   flags.DEFINE_integer("port", 8791, "port for the server under test")
@@ -143,8 +144,9 @@ def main(argv):
     for mode in FLAGS.modes:
       server = start_server(mode, FLAGS.port)
       try:
-        load(FLAGS.port, bodies, FLAGS.k, max(clients), FLAGS.warmup_seconds)
         for n in clients:
+          # Unmeasured first: each client count makes batches of its own padded shapes, compiled once.
+          load(FLAGS.port, bodies, FLAGS.k, n, FLAGS.warmup_seconds)
           result = load(FLAGS.port, bodies, FLAGS.k, n, FLAGS.seconds)
           sizes = get_json(FLAGS.port, "/api/info")["batching"]["recent_batch_sizes"]
           result["mean_batch_last_20"] = round(float(np.mean(sizes[-20:])), 2) if sizes else None

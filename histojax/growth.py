@@ -402,7 +402,7 @@ def run_add(index_dir: str, images: list[str], label: str | None = None, workdir
   engine = query.QueryEngine.open(index_dir, workdir, step)
   read = lambda path: images_lib.read_image(path, max_pixels=images_lib.DEFAULT_MAX_PIXELS["search"])
   start = time.perf_counter()
-  cases, empty = cut_cases(labelled, engine.cut, engine.embed, read)
+  cases, empty = cut_cases(labelled, engine.cut, engine.model.embed, read)
   embedded = time.perf_counter() - start
   summary = add(index_dir, cases, rebalance)
   return {**summary, "images": len(labelled), "skipped": empty, "seconds_cut_embed": round(embedded, 3)}

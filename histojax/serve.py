@@ -11,10 +11,13 @@ One process (Starlette on uvicorn) loads the index and its query model once
   `index add`, from the index itself);
 - `GET /api/info` (manifest summary), `GET /healthz`, and `GET /` (the page).
 
-Concurrent searches are batched: requests wait in an asyncio queue, the
-first waits at most `--batch_wait_ms` for others (up to `--max_batch`), and
-the batch is answered by ONE `answer_batch` call (one padded device call) in
-the one worker thread that owns the engine. `--nobatching` answers one
+Concurrent searches are batched: decoded images wait in an asyncio queue;
+the worker takes what queued while the previous batch ran and, while other
+requests are still being received or decoded, waits for them up to
+`--batch_wait_ms` (never for requests not yet sent, so a lone client waits
+for nothing), at most `--max_batch`; the batch is answered by ONE
+`answer_batch` call (one padded device call) in the one worker thread that
+owns the engine. `--nobatching` answers one
 request at a time (the load benchmark's baseline).
 
 A changed index (`index add|remove`) is picked up without a restart: before
@@ -38,7 +41,6 @@ import json
 import os
 import re
 import time
-import types
 
 import numpy as np
 import PIL.Image
@@ -73,6 +75,7 @@ class Batcher:
     self.on_reload, self.reload_every_s, self._checked = on_reload, reload_every_s, time.monotonic()
     self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="histojax-engine")
     self.batches: list[int] = []  # size of every batch answered (recent), for /api/info and tests
+    self.arriving = 0  # searches being received or decoded, not yet queued (see `_collect`)
     self._queue: asyncio.Queue | None = None
     self._task = None
 
@@ -107,7 +110,9 @@ class Batcher:
         batch.append(self._queue.get_nowait())
         continue
       timeout = deadline - loop.time()
-      if timeout <= 0:
+      # Wait only for requests already received (their upload or decode still running): a
+      # lone client is answered at once, not after the wait bound.
+      if timeout <= 0 or not self.arriving:
         break
       try:
         batch.append(await asyncio.wait_for(self._queue.get(), timeout))
@@ -246,14 +251,17 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
 
   async def search(request: Request):
     try:
-      k = parse_k(request, engine.num_rows)
-      name, data = await read_upload(request, max_upload_bytes)
+      batcher.arriving += 1  # one event loop: no lock needed
       try:
+        k = parse_k(request, engine.num_rows)
+        name, data = await read_upload(request, max_upload_bytes)
         image = await run_in_threadpool(images.read_image, data, max_pixels=max_pixels, name=name)
       except images.ImageTooLargeError as e:
         raise HTTPError(413, str(e)) from e
       except images.ImageError as e:
         raise HTTPError(400, str(e)) from e
+      finally:
+        batcher.arriving -= 1
       answer = await batcher.search(name, image, k)
     except HTTPError as e:
       return error_response(e)
@@ -317,9 +325,9 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
 
 def dataset_dir(index_dir: str, manifest: dict, workdir: str | None) -> str:
   """The TFDS data_dir of the model's training config ('' = TFDS's default)."""
-  from histojax import search  # noqa: PLC0415
+  from histojax import query  # noqa: PLC0415
   try:
-    found = search.model_workdir(types.SimpleNamespace(workdir=workdir, index=index_dir), manifest)
+    found = query.model_workdir(index_dir, manifest, workdir)
     with open(os.path.join(found, "config.json")) as f:
       return json.load(f).get("dataset", {}).get("data_dir", "") or ""
   except (FileNotFoundError, KeyError, ValueError):

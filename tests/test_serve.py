@@ -160,7 +160,7 @@ def _raw_get(url, path):
 
 
 BAD = [  # (what, request kwargs for httpx or a callable, status, words in the message)
-    ("not an image", lambda u: _search(u, b"%PDF-1.4 definitely not pixels", "notes.pdf"), 400, "not a readable image"),
+    ("not an image", lambda u: _search(u, b"%PDF-1.4 definitely not pixels", "notes.pdf"), 400, "notes.pdf: not an image"),
     ("empty file", lambda u: _search(u, b"", "empty.png"), 400, "is empty"),
     ("truncated PNG", lambda u: _search(u, _truncated_png(), "cut.png"), 400, "cut.png"),
     ("smaller than the model input", lambda u: _search(u, _png(np.full((20, 30, 3), 200, np.uint8))), 422,
