@@ -46,7 +46,7 @@ def test_append_then_delete_equals_exact_search_on_the_same_rows(mode):
   np.testing.assert_array_equal(index.search(idx, queries, 10)[0], _exact(both[order], queries, 10)[0])
 
 
-def test_delete_order_is_scanns():
+def test_delete_order_fills_each_hole_with_the_last_row():
   assert growth.delete_order(6, [1, 4]).tolist() == [0, 5, 2, 3]  # 4 <- 5, then 1 <- 5 (the last again)
   assert growth.delete_order(6, [5]).tolist() == [0, 1, 2, 3, 4]
   assert growth.delete_order(3, [0, 1, 2]).tolist() == []
