@@ -94,7 +94,18 @@ def read_pairs(name: str, data_dir: str = "") -> dict[str, list]:
   pairs = (b.info.metadata or {}).get("pairs") if b.is_prepared() else None
   if pairs is None:
     raise KeyError(f"dataset {name!r} under {b.data_dir_root} holds no query pairs (is it prepared?)")
+  _check_pairs(pairs, f"{b.data_dir}/dataset_info.json metadata")
   return pairs
+
+
+def _check_pairs(pairs, where: str) -> None:
+  """The recorded pairs are what the builder wrote: [[a, b], ...] and [[a, b, 0|1], ...]."""
+  def ok(rows, with_answer):
+    return isinstance(rows, list) and all(
+        isinstance(r, list) and len(r) == 2 + with_answer and all(isinstance(x, str) for x in r[:2])
+        and (not with_answer or r[2] in (0, 1)) for r in rows)
+  if not isinstance(pairs, dict) or not ok(pairs.get("query"), False) or not ok(pairs.get("validation", []), True):
+    raise ValueError(f"{where}: the recorded query pairs are damaged; prepare the dataset again")
 
 
 def class_names(name: str, data_dir: str = "") -> list[str]:
