@@ -36,7 +36,7 @@ are renumbered; the same order is applied to every mode and to `rows.npz`.
 Crash safety: the new index is written whole into `.DIR.next` beside DIR
 (unchanged files hard-linked, not copied), its manifest last, then swapped
 in with one atomic exchange of the two folder names (Linux renameat2;
-elsewhere two renames, and `recover` finishes or undoes a swap cut between
+elsewhere two renames, and `fileio.recover_folder` finishes or undoes a swap cut between
 them). A writer holds `.DIR.lock`, so two growths never interleave. An add
 killed at any point leaves DIR as it was.
 
@@ -48,10 +48,7 @@ built from, or `patch_file`/`patch_offset`/`patch_bytes`).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import fcntl
 import io
 import json
 import os
@@ -190,54 +187,7 @@ def maybe_rebalance(idx: index.Index, growth: dict, force: bool = False, added: 
   return True
 
 
-# --- On disk: a new folder, swapped in atomically ---------------------------------------
-
-def _sibling(directory: str, tag: str) -> str:
-  parent, name = os.path.split(os.path.abspath(directory))
-  return os.path.join(parent, f".{name}.{tag}")
-
-
-@contextlib.contextmanager
-def writer_lock(directory: str):
-  """Held by one growth at a time; a second waits for it."""
-  with open(_sibling(directory, "lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _exchange(a: str, b: str) -> bool:
-  """Swaps two folder names in one step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = libc.renameat2
-  except (OSError, AttributeError):
-    return False
-  at_fdcwd, rename_exchange = -100, 2
-  return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def recover(directory: str) -> None:
-  """Finishes or undoes a swap that was cut short, and clears what an interrupted write left."""
-  nxt, old = _sibling(directory, "next"), _sibling(directory, "old")
-  if not os.path.exists(directory):
-    if os.path.exists(os.path.join(nxt, "manifest.json")):  # written whole: the swap was under way
-      os.rename(nxt, directory)
-    elif os.path.exists(old):
-      os.rename(old, directory)
-  for leftover in (nxt, old):
-    if os.path.exists(leftover):
-      shutil.rmtree(leftover)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-  try:
-    os.link(src, dst)
-  except OSError:  # another filesystem, or no hard links there
-    shutil.copy2(src, dst)
-
+# --- On disk: a new folder, swapped in atomically (fileio) ------------------------------
 
 def write(directory: str, idx: index.Index, manifest: dict, rows: dict,
           new_files: dict[str, bytes] | None = None) -> dict:
@@ -246,7 +196,7 @@ def write(directory: str, idx: index.Index, manifest: dict, rows: dict,
   Files not rewritten (codebooks, earlier added patches) are hard-linked from
   the current index; `new_files` (relative path -> bytes) are added.
   """
-  nxt = _sibling(directory, "next")
+  nxt = fileio.sibling(directory, "next")
   if os.path.exists(nxt):
     shutil.rmtree(nxt)
   os.makedirs(os.path.join(nxt, "patches"))
@@ -254,7 +204,7 @@ def write(directory: str, idx: index.Index, manifest: dict, rows: dict,
   referenced = set(rows["patch_file"].tolist())  # a batch whose rows were all removed is dropped
   for name in sorted(os.listdir(old_patches)) if os.path.isdir(old_patches) else []:
     if f"patches/{name}" in referenced:
-      _link_or_copy(os.path.join(old_patches, name), os.path.join(nxt, "patches", name))
+      fileio.link_or_copy(os.path.join(old_patches, name), os.path.join(nxt, "patches", name))
   for rel, data in (new_files or {}).items():
     with open(os.path.join(nxt, rel), "wb") as f:
       f.write(data)
@@ -262,7 +212,7 @@ def write(directory: str, idx: index.Index, manifest: dict, rows: dict,
     np.save(os.path.join(nxt, "gallery.npy"), idx.gallery)
   elif idx.mode == "adc":
     np.save(os.path.join(nxt, "codes.npy"), idx.codes)
-    _link_or_copy(os.path.join(directory, "codebooks.npy"), os.path.join(nxt, "codebooks.npy"))
+    fileio.link_or_copy(os.path.join(directory, "codebooks.npy"), os.path.join(nxt, "codebooks.npy"))
   else:
     os.makedirs(os.path.join(nxt, "scann"))
     idx.searcher.serialize(os.path.join(nxt, "scann"), relative_path=True)
@@ -272,18 +222,8 @@ def write(directory: str, idx: index.Index, manifest: dict, rows: dict,
     json.dump(manifest, f, indent=2, sort_keys=True)
     f.flush()
     os.fsync(f.fileno())
-  _swap(directory, nxt)
+  fileio.swap_in(directory, nxt)
   return manifest
-
-
-def _swap(directory: str, nxt: str) -> None:
-  if _exchange(nxt, directory):
-    shutil.rmtree(nxt)  # now the previous index
-    return
-  old = _sibling(directory, "old")
-  os.rename(directory, old)
-  os.rename(nxt, directory)
-  shutil.rmtree(old)
 
 
 # --- The two operations ---------------------------------------------------------------
@@ -302,7 +242,7 @@ def _open_for_growth(directory: str):
   if not fileio.is_local(directory):
     raise ValueError(f"{directory}: index add/remove grows a local index folder (the swap needs a "
                      "filesystem rename); copy it here, grow it, copy it back")
-  recover(directory)
+  fileio.recover_folder(directory)
   idx, manifest = index.load(directory)
   rows = with_origin(index.load_rows(directory))
   return idx, manifest, rows
@@ -316,7 +256,7 @@ def _log(growth: dict, entry: dict) -> None:
 def add(directory: str, cases: Cases, rebalance: bool = False) -> dict:
   """Appends `cases` to the index in `directory`; returns a summary."""
   directory = os.fspath(directory)
-  with writer_lock(directory):
+  with fileio.folder_lock(directory):
     idx, manifest, rows = _open_for_growth(directory)
     clash = sorted(set(cases.source_id.tolist()) & set(rows["source_id"].tolist()))
     if clash:
@@ -346,7 +286,7 @@ def add(directory: str, cases: Cases, rebalance: bool = False) -> dict:
 def remove(directory: str, source_ids: list[str], rebalance: bool = False) -> dict:
   """Takes every row of `source_ids` out of the index in `directory`; returns a summary."""
   directory = os.fspath(directory)
-  with writer_lock(directory):
+  with fileio.folder_lock(directory):
     idx, manifest, rows = _open_for_growth(directory)
     known = set(rows["source_id"].tolist())
     missing = [s for s in source_ids if s not in known]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from histojax import growth, index
+from histojax import fileio, growth, index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +174,7 @@ def test_an_add_that_fails_mid_write_leaves_the_index_as_it_was(tmp_path, monkey
 KILL_SCRIPT = """
 import os, signal, sys
 import numpy as np
-from histojax import growth
+from histojax import fileio, growth
 where = sys.argv[2]
 if where == "rows":
   real = np.savez
@@ -182,14 +182,14 @@ if where == "rows":
     real(path, **arrays); os.kill(os.getpid(), signal.SIGKILL)
   growth.np.savez = kill
 else:  # between the two renames of the fallback swap
-  growth._exchange = lambda a, b: False
+  fileio.exchange = lambda a, b: False
   real_rename, calls = os.rename, []
   def rename(a, b):
     calls.append(a)
     if len(calls) == 2:
       os.kill(os.getpid(), signal.SIGKILL)
     real_rename(a, b)
-  growth.os.rename = rename
+  fileio.os.rename = rename
 rng = np.random.default_rng(6)
 m = 5
 growth.add(sys.argv[1], growth.Cases(rng.integers(0, 255, (m, 8, 8, 3), dtype=np.uint8),
@@ -209,7 +209,7 @@ def test_an_add_killed_mid_write_leaves_a_readable_index(tmp_path, where):
     assert json.loads(open(os.path.join(directory, "manifest.json")).read()) == manifest
   else:  # killed with the index moved aside: recovery finishes the swap the new folder was whole for
     assert not os.path.exists(directory)
-    growth.recover(directory)
+    fileio.recover_folder(directory)
     assert index.load(directory)[0].size == 305
-  growth.recover(directory)
+  fileio.recover_folder(directory)
   assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]  # nothing half-written left
