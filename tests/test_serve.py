@@ -160,7 +160,7 @@ def _raw_get(url, path):
 
 
 BAD = [  # (what, request kwargs for httpx or a callable, status, words in the message)
-    ("not an image", lambda u: _search(u, b"%PDF-1.4 definitely not pixels", "notes.pdf"), 400, "notes.pdf: not an image"),
+    ("not an image", lambda u: _search(u, b"%PDF-1.4 definitely not pixels", "notes.pdf"), 400, "notes.pdf: not a"),
     ("empty file", lambda u: _search(u, b"", "empty.png"), 400, "is empty"),
     ("truncated PNG", lambda u: _search(u, _truncated_png(), "cut.png"), 400, "cut.png"),
     ("smaller than the model input", lambda u: _search(u, _png(np.full((20, 30, 3), 200, np.uint8))), 422,
@@ -253,8 +253,11 @@ def _page_shows(page, answer: dict):
   page.locator(".tile").first.click()  # one tile: its own top k, in order
   rows = [int(r) for r in page.locator("#thumbs figure").evaluate_all("fs => fs.map(f => f.dataset.row)")]
   assert rows == [r["gallery_row"] for r in answer["tiles"][0]["results"]]
-  loaded = page.locator("#thumbs figure img").evaluate_all("is => is.every(i => i.complete && i.naturalWidth > 0)")
-  assert loaded
+  # Every thumbnail settles (loaded, or replaced by "picture unavailable" on an error); none failed.
+  page.wait_for_function("() => [...document.querySelectorAll('#thumbs figure')].every(f => "
+                         "f.querySelector('.noimg') || (f.querySelector('img').complete && "
+                         "f.querySelector('img').naturalWidth > 0))")
+  assert page.locator("#thumbs .noimg").count() == 0
 
 
 def _queries_for_the_page(tmp_path):
