@@ -402,3 +402,22 @@ def load_if_matching(directory: epath.PathLike, expected: dict) -> tuple[Index, 
   except (FileNotFoundError, ValueError):
     return None
   return load(directory) if not mismatches(manifest, expected) else None
+
+
+# --- CLI: growing a saved index (histojax.growth) ------------------------------
+
+def define_flags() -> None:
+  from histojax import growth  # noqa: PLC0415
+  growth.define_flags()
+
+
+def main(argv) -> int:
+  """`python -m histojax.index add|remove ...` (see histojax.growth)."""
+  from histojax import growth  # noqa: PLC0415
+  return growth.main(argv)
+
+
+if __name__ == "__main__":
+  from absl import app
+  define_flags()
+  app.run(main)

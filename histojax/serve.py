@@ -1,0 +1,380 @@
+"""The search service and its page: `python -m histojax.serve --index DIR`.
+
+    python -m histojax.serve --index WORKDIR/index [--host 127.0.0.1] [--port 8080]
+
+One process (Starlette on uvicorn) loads the index and its query model once
+(`query.QueryEngine`) and serves:
+- `POST /api/search?k=10`, multipart field `image`: the `search --json` object
+  for that image (tiles, neighbours, vote, top source images);
+- `GET /api/gallery/{row}/image`: the gallery patch of a row as PNG, read
+  from the TFDS split the index was built from (or, for a row added by
+  `index add`, from the index itself);
+- `GET /api/info` (manifest summary), `GET /healthz`, and `GET /` (the page).
+
+Concurrent searches are batched: decoded images wait in an asyncio queue;
+the worker takes what queued while the previous batch ran and, while other
+requests are still being received or decoded, waits for them up to
+`--batch_wait_ms` (never for requests not yet sent, so a lone client waits
+for nothing), at most `--max_batch`; the batch is answered by ONE
+`answer_batch` call (one padded device call) in the one worker thread that
+owns the engine. `--nobatching` answers one
+request at a time (the load benchmark's baseline).
+
+A changed index (`index add|remove`) is picked up without a restart: before
+a batch, at most once a second, the worker asks the engine to
+`reload_if_changed`; `POST /api/reload` does it at once.
+
+Bad input gets a 4xx with a message and the server goes on: 413 over
+`--max_upload_mb` (64) or over the pixel limit, 400 for an empty, truncated
+or non-image upload, 422 for an image smaller than the model input, 400/404
+for a gallery row that is not a number or out of range. Uploads are only
+ever decoded as images (never unpickled). Binds 127.0.0.1 unless --host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import re
+import time
+
+import numpy as np
+import PIL.Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from histojax import growth, index
+from histojax.data import images
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+MiB = 1 << 20
+
+
+class HTTPError(Exception):
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+# --- Dynamic batching ----------------------------------------------------------------
+
+class Batcher:
+  """Queues searches and answers them in batches on one worker thread (the engine's owner)."""
+
+  def __init__(self, engine, wait_s: float = 0.005, max_batch: int = 16, enabled: bool = True,
+               on_reload=None, reload_every_s: float = 1.0):
+    self.engine, self.wait_s, self.max_batch, self.enabled = engine, wait_s, max_batch, enabled
+    self.on_reload, self.reload_every_s, self._checked = on_reload, reload_every_s, time.monotonic()
+    self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="histojax-engine")
+    self.batches: list[int] = []  # size of every batch answered (recent), for /api/info and tests
+    self.arriving = 0  # searches being received or decoded, not yet queued (see `_collect`)
+    self._queue: asyncio.Queue | None = None
+    self._task = None
+
+  async def start(self):
+    self._queue = asyncio.Queue()
+    self._task = asyncio.create_task(self._loop())
+
+  async def stop(self):
+    if self._task:
+      self._task.cancel()
+      with contextlib.suppress(asyncio.CancelledError):
+        await self._task
+    self.worker.shutdown(wait=True)
+
+  async def search(self, name: str, image: np.ndarray, k: int) -> dict:
+    future = asyncio.get_running_loop().create_future()
+    await self._queue.put((name, image, k, future))
+    return await future
+
+  async def run(self, fn, *args):
+    """`fn(*args)` on the engine's thread, between batches."""
+    return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+  async def _collect(self) -> list:
+    batch = [await self._queue.get()]
+    if not self.enabled:
+      return batch
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + self.wait_s
+    while len(batch) < self.max_batch:
+      if not self._queue.empty():  # arrived while the previous batch ran: no wait
+        batch.append(self._queue.get_nowait())
+        continue
+      timeout = deadline - loop.time()
+      # Wait only for requests already received (their upload or decode still running): a
+      # lone client is answered at once, not after the wait bound.
+      if timeout <= 0 or not self.arriving:
+        break
+      try:
+        batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+      except TimeoutError:
+        break
+    return batch
+
+  async def _loop(self):
+    while True:
+      batch = await self._collect()
+      try:
+        answers = await self.run(self._answer, batch)
+      except Exception as e:  # noqa: BLE001  (every waiting request learns of it)
+        for *_, future in batch:
+          if not future.done():
+            future.set_exception(e)
+        continue
+      for (*_, future), answer in zip(batch, answers):
+        if not future.done():
+          future.set_result(answer)
+
+  def _answer(self, batch: list) -> list[dict]:
+    self.maybe_reload()
+    out = [None] * len(batch)
+    for k in sorted({item[2] for item in batch}):  # one call per k (the vote depends on it)
+      members = [i for i, item in enumerate(batch) if item[2] == k]
+      for i, answer in zip(members, self.engine.answer_batch([batch[i][:2] for i in members], k)):
+        out[i] = answer
+    self.batches = (self.batches + [len(batch)])[-1000:]
+    return out
+
+  def maybe_reload(self, force: bool = False) -> bool:
+    """Re-reads the index if it changed on disk; a failed read keeps the index in use."""
+    if not force and time.monotonic() - self._checked < self.reload_every_s:
+      return False
+    self._checked = time.monotonic()
+    try:
+      changed = self.engine.reload_if_changed()
+    except (OSError, ValueError) as e:  # mid-swap or broken on disk: keep serving what we have
+      print(f"histojax.serve: index reload failed, still serving the previous one: {e}", flush=True)
+      return False
+    if changed and self.on_reload:
+      self.on_reload()
+    return changed
+
+
+# --- Gallery pictures ------------------------------------------------------------------
+
+class Gallery:
+  """Picture of every gallery row: from the TFDS split the index was built from, or from
+  the index folder for rows added later (`growth`)."""
+
+  def __init__(self, index_dir: str, manifest: dict, data_dir: str):
+    self.index_dir, self.manifest, self.data_dir = index_dir, manifest, data_dir
+    self.source, self.error = None, None
+    self.refresh()
+    try:
+      from histojax.data import sources  # noqa: PLC0415  (TFDS: only when asked for)
+      self.source = sources.open_split(manifest["dataset"], manifest["split"], data_dir)
+    except Exception as e:  # noqa: BLE001  (any reason the dataset is unreachable: the page says it)
+      self.error = (f"gallery dataset {manifest.get('dataset')!r} (split {manifest.get('split')!r}, data_dir "
+                    f"{data_dir or 'TFDS default'}) cannot be opened: {e}")
+
+  def refresh(self):
+    """Re-reads rows.npz (after the index changed); the old rows stay until it is read."""
+    self.rows = growth.with_origin(index.load_rows(self.index_dir))
+
+  def png(self, row: int) -> bytes:
+    rows = self.rows
+    if not 0 <= row < len(rows["label"]):
+      raise HTTPError(404, f"gallery row {row} is out of range: the index has {len(rows['label'])} rows "
+                      f"(0..{len(rows['label']) - 1})")
+    added = growth.added_patch_png(self.index_dir, rows, row)
+    if added is not None:
+      return added
+    if self.source is None:
+      raise HTTPError(503, self.error)
+    data = self.source[int(rows["dataset_row"][row])]["image"]
+    if isinstance(data, bytes) and data.startswith(b"\x89PNG"):
+      return data
+    array = data if isinstance(data, np.ndarray) else np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB"))
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- Requests ----------------------------------------------------------------------------
+
+async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
+  """(file name, bytes) of the multipart field `image`; 413 past `limit` bytes, counted as
+  the body arrives (a missing or wrong Content-Length does not get past it)."""
+  declared = request.headers.get("content-length")
+  if declared and declared.isdigit() and int(declared) > limit:
+    raise HTTPError(413, f"upload of {int(declared)} bytes is over the limit of {limit} bytes "
+                    f"({limit / MiB:g} MiB; the server's --max_upload_mb)")
+  body = bytearray()
+  async for chunk in request.stream():
+    body += chunk
+    if len(body) > limit:
+      raise HTTPError(413, f"upload is over the limit of {limit} bytes ({limit / MiB:g} MiB; the server's "
+                      "--max_upload_mb)")
+
+  async def replay():
+    return {"type": "http.request", "body": bytes(body), "more_body": False}
+  try:
+    form = await Request(request.scope, replay).form(max_files=1, max_fields=4)
+  except Exception as e:  # noqa: BLE001  (python-multipart's parse errors)
+    raise HTTPError(400, f"the request body is not a multipart form with an image field: {e}") from e
+  upload = form.get("image")
+  if upload is None or isinstance(upload, str):
+    raise HTTPError(400, "no file in the multipart field 'image' (send the image as form field 'image')")
+  data = await upload.read()
+  if not data:
+    raise HTTPError(400, f"the uploaded file {upload.filename!r} is empty")
+  return os.path.basename(upload.filename or "upload"), data
+
+
+def parse_k(request: Request, num_rows: int) -> int:
+  raw = request.query_params.get("k", "10")
+  if not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= 1000:
+    raise HTTPError(400, f"k must be an integer from 1 to 1000, got {raw!r}")
+  return min(int(raw), num_rows)
+
+
+def error_response(e: HTTPError) -> JSONResponse:
+  return JSONResponse({"error": str(e), "status": e.status}, status_code=e.status)
+
+
+def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int = 64 * MiB,
+              max_pixels: int | None = None, batching: bool = True, batch_wait_ms: float = 5.0,
+              max_batch: int = 16) -> Starlette:
+  """The ASGI app around an open `QueryEngine`."""
+  max_pixels = max_pixels or images.DEFAULT_MAX_PIXELS["serve"]
+  gallery = Gallery(index_dir, engine.manifest, data_dir)
+  batcher = Batcher(engine, batch_wait_ms / 1000, max_batch, batching, on_reload=gallery.refresh)
+
+  async def search(request: Request):
+    try:
+      batcher.arriving += 1  # one event loop: no lock needed
+      try:
+        k = parse_k(request, engine.num_rows)
+        name, data = await read_upload(request, max_upload_bytes)
+        image = await run_in_threadpool(images.read_image, data, max_pixels=max_pixels, name=name)
+      except images.ImageTooLargeError as e:
+        raise HTTPError(413, str(e)) from e
+      except images.ImageError as e:
+        raise HTTPError(400, str(e)) from e
+      finally:
+        batcher.arriving -= 1
+      answer = await batcher.search(name, image, k)
+    except HTTPError as e:
+      return error_response(e)
+    if "error" in answer:  # the image could not be cut (smaller than the model input)
+      return JSONResponse({**answer, "status": 422}, status_code=422)
+    return JSONResponse(answer)
+
+  async def gallery_image(request: Request):
+    raw = request.path_params["row"]
+    if not re.fullmatch(r"[0-9]{1,12}", raw):
+      return error_response(HTTPError(400, f"gallery row must be a non-negative integer, got {raw!r}"))
+    try:
+      data = await run_in_threadpool(gallery.png, int(raw))
+    except HTTPError as e:
+      return error_response(e)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+  async def gallery_other(request: Request):
+    return error_response(HTTPError(400, f"no such gallery resource {request.path_params['rest']!r}: use "
+                                    "/api/gallery/<row>/image with a row number"))
+
+  async def info(request: Request):
+    m = engine.manifest
+    return JSONResponse({
+        "model": m.get("model"), "checkpoint": m.get("checkpoint"), "dataset": m.get("dataset"),
+        "split": m.get("split"), "class_names": engine.class_names, "rows": engine.num_rows,
+        "tiling": engine.tiling, "image_size": engine.image_size, "mode": m.get("mode"), "dim": m.get("dim"),
+        "growth": m.get("growth"), "gallery_images": {"available": gallery.source is not None,
+                                                      "reason": gallery.error},
+        "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels},
+        "batching": {"enabled": batching, "wait_ms": batch_wait_ms, "max_batch": max_batch,
+                     "recent_batch_sizes": batcher.batches[-20:]}})
+
+  async def reload(request: Request):
+    changed = await batcher.run(batcher.maybe_reload, True)
+    return JSONResponse({"reloaded": bool(changed), "rows": engine.num_rows})
+
+  async def healthz(request: Request):
+    return JSONResponse({"status": "ok", "rows": engine.num_rows})
+
+  async def page(request: Request):
+    return FileResponse(os.path.join(STATIC, "index.html"), headers={"Cache-Control": "no-store"})
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    await batcher.start()
+    yield
+    await batcher.stop()
+
+  app = Starlette(routes=[
+      Route("/", page), Route("/healthz", healthz), Route("/api/info", info),
+      Route("/api/search", search, methods=["POST"]), Route("/api/reload", reload, methods=["POST"]),
+      Route("/api/gallery/{row}/image", gallery_image), Route("/api/gallery/{rest:path}", gallery_other),
+      Mount("/static", StaticFiles(directory=STATIC)),
+  ], lifespan=lifespan)
+  app.state.batcher, app.state.gallery = batcher, gallery
+  return app
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+def dataset_dir(index_dir: str, manifest: dict, workdir: str | None) -> str:
+  """The TFDS data_dir of the model's training config ('' = TFDS's default)."""
+  from histojax import query  # noqa: PLC0415
+  try:
+    found = query.model_workdir(index_dir, manifest, workdir)
+    with open(os.path.join(found, "config.json")) as f:
+      return json.load(f).get("dataset", {}).get("data_dir", "") or ""
+  except (FileNotFoundError, KeyError, ValueError):
+    return ""
+
+
+def define_flags() -> None:
+  from absl import flags  # noqa: PLC0415
+  flags.DEFINE_string("index", None, "index folder written by evaluate (<workdir>/index)", required=True)
+  flags.DEFINE_string("host", "127.0.0.1", "address to bind; 0.0.0.0 exposes the service to the network")
+  flags.DEFINE_integer("port", 8080, "port to listen on")
+  flags.DEFINE_string("workdir", None, "query model workdir; default the one named in the index manifest")
+  flags.DEFINE_integer("step", None, "query model step; default the manifest's")
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir of the gallery dataset; default the model config's")
+  flags.DEFINE_float("max_upload_mb", 64.0, "largest upload accepted (MiB); larger ones get 413")
+  flags.DEFINE_integer("max_pixels", None, "largest image accepted (pixels); default "
+                       "histojax.data.images.DEFAULT_MAX_PIXELS['serve']")
+  flags.DEFINE_bool("batching", True, "batch concurrent searches into one device call (--nobatching: one by one)")
+  flags.DEFINE_float("batch_wait_ms", 5.0, "how long the first search of a batch waits for others")
+  flags.DEFINE_integer("max_batch", 16, "most searches in one batch")
+
+
+def run(index_dir: str, host: str = "127.0.0.1", port: int = 8080, workdir: str | None = None,
+        step: int | None = None, data_dir: str | None = None, **options) -> None:
+  import uvicorn  # noqa: PLC0415
+
+  from histojax import query  # noqa: PLC0415  (JAX and the model load here, once)
+
+  engine = query.QueryEngine.open(index_dir, workdir, step)
+  if data_dir is None:
+    data_dir = dataset_dir(index_dir, engine.manifest, workdir)
+  app = build_app(engine, index_dir, data_dir, **options)
+  print(f"histojax.serve: {engine.num_rows} gallery rows; http://{host}:{port}/", flush=True)
+  uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def main(argv) -> None:
+  from absl import flags, logging  # noqa: PLC0415
+  logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
+  f = flags.FLAGS
+  run(f.index, f.host, f.port, f.workdir, f.step, f.data_dir, max_upload_bytes=int(f.max_upload_mb * MiB),
+      max_pixels=f.max_pixels, batching=f.batching, batch_wait_ms=f.batch_wait_ms, max_batch=f.max_batch)
+
+
+if __name__ == "__main__":
+  from absl import app as absl_app
+  define_flags()
+  absl_app.run(main)

@@ -1,0 +1,249 @@
+// The search page: one image in, its tiles coloured by their vote, the neighbours of the
+// selected tile (or of the whole image) and the top source images. No framework, no CDN.
+"use strict";
+
+// Okabe-Ito: told apart with the common colour-vision deficiencies; more classes get hues.
+const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8C6D00", "#000000"];
+const state = { info: null, answer: null, selected: null, shown: new Set(), objectUrl: null };
+const $ = (id) => document.getElementById(id);
+
+function colour(labelId) {
+  return labelId < PALETTE.length ? PALETTE[labelId] : `hsl(${(labelId * 137) % 360} 60% 42%)`;
+}
+
+function textOn(hex) {  // black or white text, whichever reads on the colour
+  if (!hex.startsWith("#")) return "#fff";
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16) / 255);
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.55 ? "#000" : "#fff";
+}
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "style") {
+      for (const [name, v] of Object.entries(value)) {
+        if (name.startsWith("--")) node.style.setProperty(name, v); else node.style[name] = v;
+      }
+    }
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key in node) node[key] = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+// --- The index ---------------------------------------------------------------------
+
+async function loadInfo() {
+  const response = await fetch("/api/info");
+  state.info = await response.json();
+  const info = state.info;
+  $("index-info").textContent = `${info.rows.toLocaleString()} gallery patches of ${info.dataset} (${info.split}), `
+    + `${info.class_names.length} classes, ${info.mode} search, model ${info.model?.name ?? "?"} `
+    + `(step ${info.checkpoint?.step ?? "?"})`;
+  if (!info.gallery_images.available) {
+    $("gallery-warning").textContent = "Gallery pictures are not available, so results are shown without "
+      + `them: ${info.gallery_images.reason}`;
+    $("gallery-warning").hidden = false;
+  }
+  info.class_names.forEach((_, i) => state.shown.add(i));
+  drawFilter();
+}
+
+function voteCounts() {  // tiles voting for each class
+  const counts = new Array(state.info.class_names.length).fill(0);
+  if (state.answer) for (const tile of state.answer.tiles) if (tile.vote >= 0) counts[tile.vote] += 1;
+  return counts;
+}
+
+function drawFilter() {
+  const counts = voteCounts();
+  const box = $("classes");
+  box.replaceChildren(...state.info.class_names.map((name, i) => {
+    const input = el("input", { type: "checkbox", checked: state.shown.has(i), dataset: { labelId: i },
+      onchange: (e) => { e.target.checked ? state.shown.add(i) : state.shown.delete(i); redraw(); } });
+    return el("label", { className: "cls", style: { "--c": colour(i) } }, input, el("span", { className: "swatch" }),
+      name, el("span", { className: "count" }, state.answer ? `${counts[i]} tile${counts[i] === 1 ? "" : "s"}` : ""));
+  }));
+}
+
+// --- Searching ---------------------------------------------------------------------
+
+async function search(file) {
+  showError("");
+  $("busy").hidden = false;
+  const form = new FormData();
+  form.append("image", file, file.name);
+  try {
+    const response = await fetch(`/api/search?k=${$("k").value}`, { method: "POST", body: form });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || `search failed (${response.status})`);
+    if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
+    state.objectUrl = URL.createObjectURL(file);
+    for (const tile of answer.tiles) tile.vote = tileVote(tile.results);
+    state.answer = answer;
+    state.selected = null;
+    $("query-image").src = state.objectUrl;
+    $("summary").hidden = false;
+    await $("query-image").decode().catch(() => {});
+    fitImage();
+    drawAnswer();
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    $("busy").hidden = true;
+  }
+}
+
+function tileVote(results) {  // majority of the tile's top k; a tie goes to the best-ranked label
+  const counts = new Map();
+  for (const r of results) counts.set(r.label_id, (counts.get(r.label_id) || 0) + 1);
+  let best = -1, most = 0;
+  for (const r of results) if (counts.get(r.label_id) > most) { best = r.label_id; most = counts.get(r.label_id); }
+  return best;
+}
+
+// --- Drawing -----------------------------------------------------------------------
+
+function drawAnswer() {
+  const a = state.answer;
+  $("query-line").textContent = `${a.query}: ${a.width}×${a.height} px, ${a.tiles_searched} tile(s) searched, `
+    + `${a.tiles_dropped} dropped as background`;
+  const vote = $("vote");
+  if (a.vote) {
+    vote.replaceChildren(el("span", { className: "chip", style: { "--c": colour(a.vote.label_id),
+      color: textOn(colour(a.vote.label_id)) } }, a.vote.label), ` ${Math.round(a.vote.fraction * 100)}% of the votes`);
+    vote.dataset.label = a.vote.label;
+    vote.dataset.fraction = a.vote.fraction;
+  } else {
+    vote.textContent = "no tissue tile, no vote";
+    vote.dataset.label = "";
+  }
+  const total = a.vote ? Object.values(a.vote.votes).reduce((s, v) => s + v, 0) : 0;
+  $("vote-bars").replaceChildren(...state.info.class_names.map((name, i) => {
+    const n = (a.vote && a.vote.votes[name]) || 0;
+    const pct = total ? (100 * n) / total : 0;
+    return el("div", { className: "bar", style: { "--c": colour(i) }, dataset: { label: name, votes: n } },
+      el("span", {}, name), el("span", { className: "track" }, el("span", { className: "fill", style: { width: `${pct}%` } })),
+      el("span", { className: "pct" }, `${pct.toFixed(0)}%`));
+  }));
+  drawTiles();
+  drawFilter();
+  redraw();
+}
+
+function fitImage() {  // as wide as the column allows, at most 62% of the window's height
+  const a = state.answer, column = $("query").clientWidth - 2;
+  const width = Math.min(column, (0.62 * window.innerHeight * a.width) / a.height);
+  $("query-image").style.width = `${Math.floor(width)}px`;
+}
+
+function drawTiles() {
+  const a = state.answer, img = $("query-image");
+  const scale = img.clientWidth / (a.width * (a.tiling.resize || 1));
+  const whole = a.tiles.length === 1 && a.tiles[0].tissue_fraction === null;  // taken whole, not tiled
+  $("tiles").replaceChildren(...a.tiles.map((tile, i) => {
+    const size = a.tiling.patch_size * scale;
+    const box = whole ? { left: "0", top: "0", width: "100%", height: "100%" }
+      : { left: `${tile.x * scale}px`, top: `${tile.y * scale}px`, width: `${size}px`, height: `${size}px` };
+    const name = tile.vote >= 0 ? state.info.class_names[tile.vote] : "no result";
+    return el("button", { type: "button", className: "tile", tabIndex: i === 0 ? 0 : -1, dataset: { index: i },
+      style: { ...box, "--c": tile.vote >= 0 ? colour(tile.vote) : "#888", "--bw": `${Math.max(1, Math.min(3, Math.round(size / 14)))}px` },
+      title: `tile (${tile.y}, ${tile.x}): ${name}`, "aria-label": `tile at y ${tile.y}, x ${tile.x}, voted ${name}`,
+      onclick: () => select(i), onkeydown: (e) => moveFocus(e, i) });
+  }));
+}
+
+function select(i) {
+  state.selected = i === state.selected ? null : i;
+  redraw();
+}
+
+function moveFocus(event, i) {  // arrow keys walk the grid; Escape goes back to the whole image
+  const tiles = state.answer.tiles, here = tiles[i];
+  if (event.key === "Escape") { state.selected = null; redraw(); return; }
+  const dirs = { ArrowRight: [0, 1], ArrowLeft: [0, -1], ArrowDown: [1, 0], ArrowUp: [-1, 0] };
+  if (!(event.key in dirs)) return;
+  event.preventDefault();
+  const [dy, dx] = dirs[event.key];
+  let best = -1, bestDist = Infinity;
+  tiles.forEach((t, j) => {
+    const along = dy ? (t.y - here.y) * dy : (t.x - here.x) * dx;
+    const across = dy ? Math.abs(t.x - here.x) : Math.abs(t.y - here.y);
+    if (along > 0 && along + 2 * across < bestDist) { best = j; bestDist = along + 2 * across; }
+  });
+  if (best >= 0) { state.selected = best; redraw(); focusTile(best); }
+}
+
+function focusTile(i) {
+  for (const node of $("tiles").children) node.tabIndex = Number(node.dataset.index) === i ? 0 : -1;
+  $("tiles").children[i].focus();
+}
+
+function neighbours() {  // the selected tile's results, or the best of all tiles' (one per gallery row)
+  const a = state.answer, k = Number($("k").value);
+  if (state.selected !== null) return a.tiles[state.selected].results;
+  const best = new Map();
+  for (const tile of a.tiles) for (const r of tile.results) {
+    const seen = best.get(r.gallery_row);
+    if (!seen || r.score > seen.score) best.set(r.gallery_row, r);
+  }
+  return [...best.values()].sort((p, q) => q.score - p.score || p.gallery_row - q.gallery_row).slice(0, k);
+}
+
+function tileSources(results) {  // the selected tile's source images: summed score of their patches
+  const pooled = new Map();
+  for (const r of results) {
+    const s = pooled.get(r.source_id) || { source_id: r.source_id, label: r.label, label_id: r.label_id, score: 0, tiles_matched: 0 };
+    s.score += r.score; s.tiles_matched += 1; pooled.set(r.source_id, s);
+  }
+  return [...pooled.values()].sort((p, q) => q.score - p.score).map((s, i) => ({ ...s, rank: i + 1 }));
+}
+
+function redraw() {
+  if (!state.answer) return;
+  const a = state.answer, sel = state.selected;
+  for (const node of $("tiles").children) {
+    const tile = a.tiles[Number(node.dataset.index)];
+    node.classList.toggle("selected", Number(node.dataset.index) === sel);
+    node.classList.toggle("faded", tile.vote >= 0 && !state.shown.has(tile.vote));
+  }
+  $("whole").setAttribute("aria-pressed", String(sel === null));
+  const scope = sel === null ? "(whole image)" : `(tile y ${a.tiles[sel].y}, x ${a.tiles[sel].x})`;
+  $("scope").textContent = scope;
+  $("sources-scope").textContent = scope;
+  const shown = neighbours().filter((r) => state.shown.has(r.label_id));
+  $("thumbs").replaceChildren(...shown.map((r) => el("figure", { className: "thumb", style: { "--c": colour(r.label_id) },
+      dataset: { row: r.gallery_row, label: r.label } },
+    // Rows added to the index carry their own picture even when the dataset is unreachable.
+    el("img", { src: `/api/gallery/${r.gallery_row}/image`, alt: `gallery patch ${r.gallery_row}, ${r.label}`,
+      onerror: (e) => e.target.replaceWith(el("div", { className: "noimg" }, "picture unavailable")) }),
+    el("figcaption", {}, el("div", { className: "label" }, r.label),
+      el("div", { className: "meta" }, `score ${r.score.toFixed(3)}`),
+      el("div", { className: "meta" }, `${r.source_id} (${r.coords.join(", ")})`)))));
+  if (!shown.length) $("thumbs").replaceChildren(el("p", { className: "muted" }, "no result of the classes shown"));
+  const sources = (sel === null ? a.sources || [] : tileSources(a.tiles[sel].results)).filter((s) => state.shown.has(s.label_id));
+  $("sources").tBodies[0].replaceChildren(...sources.map((s) => el("tr", { dataset: { source: s.source_id } },
+    el("td", { className: "num" }, String(s.rank)), el("td", {}, s.source_id),
+    el("td", {}, el("span", { className: "chip", style: { "--c": colour(s.label_id), color: textOn(colour(s.label_id)) } }, s.label)),
+    el("td", { className: "num" }, s.score.toFixed(3)), el("td", { className: "num" }, String(s.tiles_matched)))));
+}
+
+// --- Wiring ------------------------------------------------------------------------
+
+$("file").addEventListener("change", (e) => { if (e.target.files.length) search(e.target.files[0]); });
+$("whole").addEventListener("click", () => { state.selected = null; redraw(); });
+$("k").addEventListener("change", () => { const f = $("file").files[0]; if (f) search(f); });
+const drop = $("drop");
+for (const type of ["dragenter", "dragover"]) drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+for (const type of ["dragleave", "drop"]) drop.addEventListener(type, () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); if (e.dataTransfer.files.length) search(e.dataTransfer.files[0]); });
+window.addEventListener("resize", () => { if (state.answer) { fitImage(); drawTiles(); redraw(); } });
+loadInfo().catch((e) => showError(`cannot read /api/info: ${e.message}`));
