@@ -107,7 +107,17 @@ def measure_torch(config, steps: int) -> dict:
           "images_per_sec": round(b / statistics.median(times), 2)}
 
 
-def against_torch(backbones, sizes, steps: int, repeats: int) -> dict:
+def _with_lax_convolutions(fn):
+  """`fn()` with XLA's own convolution and pooling gradients (histojax.models.conv off): the old step."""
+  before = os.environ.get("HISTOJAX_CONV")
+  os.environ["HISTOJAX_CONV"] = "lax"
+  try:
+    return fn()
+  finally:
+    os.environ.pop("HISTOJAX_CONV") if before is None else os.environ.__setitem__("HISTOJAX_CONV", before)
+
+
+def against_torch(backbones, sizes, steps: int, repeats: int, baseline: bool = False) -> dict:
   rows = []
   for size in sizes:
     for backbone in backbones:
@@ -116,13 +126,17 @@ def against_torch(backbones, sizes, steps: int, repeats: int) -> dict:
         load = os.getloadavg()
         ours = measure(config.copy_and_resolve_references(), steps)
         theirs = measure_torch(config, steps)
+        lax = _with_lax_convolutions(lambda: measure(config.copy_and_resolve_references(), steps)) if baseline else None
         rows.append({"backbone": backbone, "size": size, "image_size": config.input.image_size,
                      "batch": config.input.batch_size, "depth": config.model.depth, "width": config.model.width,
                      "histojax_images_per_sec": ours["images_per_sec"],
                      "torch_images_per_sec": theirs["images_per_sec"],
                      "ratio": round(ours["images_per_sec"] / theirs["images_per_sec"], 3),
+                     **({} if lax is None else {
+                         "histojax_lax_conv_images_per_sec": lax["images_per_sec"],
+                         "ratio_lax_conv": round(lax["images_per_sec"] / theirs["images_per_sec"], 3)}),
                      "load_average_1min_before_after": [round(load[0], 2), round(os.getloadavg()[0], 2)],
-                     "histojax": ours, "torch": theirs})
+                     "histojax": ours, "torch": theirs, **({} if lax is None else {"histojax_lax_conv": lax})})
         print({k: v for k, v in rows[-1].items() if k not in ("histojax", "torch")}, flush=True)
   return {"against": "torch", "steps": steps, "rows": rows,
           "note": "histojax step includes its device-side colour augmentation; torch's has none"}
@@ -132,7 +146,8 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   if FLAGS.against == "torch":
-    result = against_torch(FLAGS.backbones.split(","), FLAGS.sizes.split(","), FLAGS.steps, FLAGS.repeats)
+    result = against_torch(FLAGS.backbones.split(","), FLAGS.sizes.split(","), FLAGS.steps, FLAGS.repeats,
+                           FLAGS.baseline)
     common.write("train_step_vs_torch", result, FLAGS.out, quiet=True)
   else:
     common.write("train_step", measure(FLAGS.config, FLAGS.steps), FLAGS.out)
@@ -146,5 +161,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("backbones", ",".join(BACKBONES), "With --against: comma-separated backbones.")
   flags.DEFINE_string("sizes", "224,cpu", "With --against: image sizes in px, or `cpu` for the :cpu variant.")
   flags.DEFINE_integer("repeats", 1, "With --against: back-to-back pairs per backbone and size.")
+  flags.DEFINE_bool("baseline", False, "With --against: also time histojax with XLA's own convolution "
+                    "gradients (HISTOJAX_CONV=lax), the step before histojax.models.conv.")
   flags.DEFINE_string("out", None, "JSON path; default bench/results/train_step[_vs_torch].json.")
   app.run(main)

@@ -22,6 +22,7 @@ signature so `nnx.Conv(conv_general_dilated=...)` takes it.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,11 @@ from jax import lax
 
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 _FEW_CHANNELS = 16  # below this many input channels one concatenated product beats k*k small ones
+
+
+def rewrite_active() -> bool:
+  """On the CPU, unless HISTOJAX_CONV=lax asks for XLA's own lowering (benchmarks compare the two)."""
+  return jax.default_backend() == "cpu" and os.environ.get("HISTOJAX_CONV", "") != "lax"
 
 
 def _nhwc_dims(dimension_numbers, ndim: int) -> bool:
@@ -51,7 +57,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                                precision=precision, **kwargs)
-  if (jax.default_backend() != "cpu" or any(v is not None for v in kwargs.values()) or
+  if (not rewrite_active() or any(v is not None for v in kwargs.values()) or
       not _plain(window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                  feature_group_count, lhs, rhs)):
     return lax_conv(lhs, rhs)
@@ -124,7 +130,7 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding: tupl
   """
   window, strides = tuple(window), tuple(strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if jax.default_backend() != "cpu" or x.ndim != 4:
+  if not rewrite_active() or x.ndim != 4:
     return _reduce_max(x, window, strides, padding)
   return _max_pool(x, window, strides, padding)
 
