@@ -10,36 +10,21 @@ cross-entropy on an auxiliary classifier over the first descriptor.
 Variants: cpu (~12 min on 2 cores, from the step rate), quickstart (synthetic, ~1 min), tiny (tests).
 """
 
-from histojax.config import bach_on_cpu, base_config, parse_variants, shrink_to_synthetic, use_bach
-from histojax.data import colour
+from configs.common import supervised_bach, supervised_bach_on_cpu, synthetic_sizes
+from histojax.config import base_config, parse_variants
 
 
 def get_config(arg=None):
   v = parse_variants(arg, {"cpu": (), "quickstart": (), "tiny": ()})
   c = base_config(model="resnet", objective="cgd", head="cgd")
-  use_bach(c)
-  c.total_steps = 6000
-  c.input.batch_size, c.input.m_per_class = 256, 64
+  supervised_bach(c)
   c.model.depth, c.model.last_stride = 50, 1  # CGD keeps stage 4 at stage 3's resolution
   c.model.embed_dim = 1536
   c.model.head.descriptors = "SMG"
   c.model.head.num_classes = -1  # the dataset's
-  c.augment.view1 = colour.view_defaults(jitter_prob=0.8, brightness=0.2, contrast=0.2, saturation=0.1,
-                                         hue=0.02, hed_prob=0.5)
-  c.optimizer.name, c.optimizer.lr, c.optimizer.warmup_steps = "adamw", 1e-4, 300
-  c.checkpoint.every_steps = 1000
 
   if "cpu" in v:
-    bach_on_cpu(c)
-    c.total_steps = 1500
-    c.input.batch_size, c.input.m_per_class = 32, 8
-    c.input.crop, c.input.crop_scale_min = "random_resized", 0.25
-    c.input.image_size = 112
+    supervised_bach_on_cpu(c)
     c.model.embed_dim = 384
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 100
-  for size in ("quickstart", "tiny"):
-    if size in v:
-      shrink_to_synthetic(c, size)
-      c.optimizer.lr = 2e-3
-      c.model.embed_dim = 48 if size == "tiny" else 192
+  synthetic_sizes(c, v, embed_dim={"quickstart": 192, "tiny": 48})
   return c
