@@ -27,3 +27,36 @@ def write(name: str, result: dict, out: str | None = None, quiet: bool = False) 
     print(json.dumps(result, indent=2))
   print(f"wrote {path}")
   return path
+
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, keyed by
+# `device.device_kind`. MFU is model FLOPs per second over this; a chip not
+# listed (every CPU) gets none rather than a guess.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
+    "NVIDIA L4": 121e12, "NVIDIA A10G": 125e12,
+}
+
+
+def flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled function, from XLA's cost analysis (None if the backend has none)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001  (some backends raise instead of returning nothing)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def utilisation(call_flops: float | None, calls_per_sec: float, devices: int) -> dict:
+  """Achieved FLOP/s and, where the chip's peak is known, the MFU (over all `devices`)."""
+  kind = jax.devices()[0].device_kind
+  achieved = None if call_flops is None else call_flops * calls_per_sec
+  peak = PEAK_FLOPS.get(kind)
+  return {"device_kind": kind, "achieved_tflops": None if achieved is None else round(achieved / 1e12, 4),
+          "peak_tflops_per_chip": None if peak is None else peak / 1e12,
+          "mfu": None if achieved is None or peak is None else round(achieved / (peak * devices), 4)}

@@ -15,8 +15,15 @@ never a requirement: `faiss_flat` (exact inner product) and `faiss_ivfpq`
 (IVF sqrt(n) lists, a tenth probed, 4-bit fast-scan PQ of the residuals with
 d/2 sub-spaces, exact re-ranking of 25 k candidates: the same recipe as
 ScaNN's tree + AH + reorder; without residuals it reached only 0.62 recall@10
-on 100k x 128). Results are rewritten after every (size, dim), so a run cut
-short keeps what it measured.
+on 100k x 128) and `faiss_hnsw` (HNSW, M 32, efConstruction 100, the graph
+index most users would pick). Results are rewritten after every (size, dim),
+so a run cut short keeps what it measured.
+
+`--matched 0.95,0.99` adds queries/s at matched recall@k: each method's
+search-time knob is swept on the ground-truth queries (ScaNN: leaves searched
+x candidates re-ranked around what the automatic configuration picked;
+HNSW: efSearch) and the fastest setting reaching each recall is reported
+(exact search: recall 1 at its one speed), in `matched` and `matched_markdown`.
 """
 
 from __future__ import annotations
@@ -104,6 +111,82 @@ def run_faiss(faiss, gallery, queries, truth, k, kind):
           "index_bytes": int(faiss.serialize_index(idx).nbytes)}
 
 
+def _sweep_point(search, queries, truth, k, **params) -> dict:
+  found, seconds = timed(lambda: search(queries, k, **params))
+  return {**params, "qps": len(queries) / seconds, "recall": recall(found, truth)}
+
+
+def sweep_scann(gallery, queries, truth, k) -> tuple[dict, list[dict]]:
+  """The automatic index, searched with its own knobs and with leaves x re-ranking around them."""
+  idx = index_lib.build(gallery, index_lib.IndexConfig(mode="auto"), k=k)
+  if idx.searcher is None or idx.mode != "tree_ah":
+    return idx.params | {"mode": idx.mode}, []
+  leaves, reorder = idx.params["leaves_to_search"], idx.params["reorder"]
+
+  def search(q, k, leaves_to_search, pre_reorder_num_neighbors):
+    return idx.searcher.search_batched_parallel(q, final_num_neighbors=k, leaves_to_search=leaves_to_search,
+                                                pre_reorder_num_neighbors=pre_reorder_num_neighbors)[0]
+
+  points = [_sweep_point(search, queries, truth, k, leaves_to_search=max(1, int(leaves * f)),
+                         pre_reorder_num_neighbors=max(k, int(reorder * g)))
+            for f in (0.25, 0.5, 1.0, 2.0) for g in (0.25, 0.5, 1.0, 2.0)]
+  return idx.params | {"mode": idx.mode}, points
+
+
+def sweep_hnsw(faiss, gallery, queries, truth, k) -> tuple[dict, list[dict]]:
+  idx, build_s = timed(lambda: _hnsw(faiss, gallery))
+
+  def search(q, k, ef_search):
+    idx.hnsw.efSearch = ef_search
+    return idx.search(q, k)[1]
+
+  points = [_sweep_point(search, queries, truth, k, ef_search=ef) for ef in (16, 32, 64, 128, 256, 512)]
+  return {"M": 32, "ef_construction": 100, "build_s": build_s}, points
+
+
+def _hnsw(faiss, gallery):
+  idx = faiss.IndexHNSWFlat(gallery.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+  idx.hnsw.efConstruction = 100
+  idx.add(gallery)
+  return idx
+
+
+def at_recall(points: list[dict], target: float) -> dict | None:
+  """The fastest swept setting whose recall reaches `target` (None: none does)."""
+  ok = [p for p in points if p["recall"] >= target]
+  return max(ok, key=lambda p: p["qps"]) if ok else None
+
+
+def matched(gallery, gt_queries, truth, k, exact_qps, targets, faiss) -> list[dict]:
+  n, dim = gallery.shape
+  sweeps = {"scann_auto": sweep_scann(gallery, gt_queries, truth, k)}
+  if faiss is not None:
+    sweeps["faiss_hnsw"] = sweep_hnsw(faiss, gallery, gt_queries, truth, k)
+  rows = []
+  for target in targets:
+    rows.append({"n": n, "dim": dim, "recall_target": target, "method": "exact_numpy", "qps": exact_qps,
+                 "recall": 1.0})
+    for method, (params, points) in sweeps.items():
+      best = at_recall(points, target)
+      rows.append({"n": n, "dim": dim, "recall_target": target, "method": method, "index": params,
+                   "qps": None if best is None else best["qps"], "recall": None if best is None else best["recall"],
+                   "setting": best, "sweep": points})
+  for r in rows:
+    qps = "not reached" if r["qps"] is None else f"{r['qps']:10.1f}"
+    print(f"n={n:>8} d={dim:>4} recall>={r['recall_target']} {r['method']:<12} qps {qps}", flush=True)
+  return rows
+
+
+def matched_markdown(rows: list[dict]) -> str:
+  lines = ["| gallery | dim | recall@10 target | method | queries/s | recall@10 | setting |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    setting = ", ".join(f"{k}={v}" for k, v in (r.get("setting") or {}).items() if k not in ("qps", "recall"))
+    qps = "not reached" if r["qps"] is None else f"{r['qps']:,.0f}"
+    rec = "" if r["recall"] is None else f"{r['recall']:.3f}"
+    lines.append(f"| {r['n']:,} | {r['dim']} | {r['recall_target']} | {r['method']} | {qps} | {rec} | {setting} |")
+  return "\n".join(lines)
+
+
 def bench_one(n: int, dim: int, FLAGS, faiss) -> list[dict]:
   k = FLAGS.k
   gallery = clustered(n, dim, FLAGS.clusters, FLAGS.noise, seed=0)
@@ -111,15 +194,20 @@ def bench_one(n: int, dim: int, FLAGS, faiss) -> list[dict]:
   gt_queries = queries[:FLAGS.gt_queries]
   (truth, _), exact_s = timed(lambda: index_lib.exact_search(gallery, gt_queries, k))
   rows = [run_exact(gallery, gt_queries, exact_s)]
-  for mode in FLAGS.scann_modes:
+  for mode in [] if FLAGS.matched_only else FLAGS.scann_modes:
     rows.append(run_scann(gallery, queries, truth, k, mode))
     gc.collect()
-  if faiss is not None:
+  if faiss is not None and not FLAGS.matched_only:
     for kind in ("faiss_flat", "faiss_ivfpq"):
       # Exact search is timed on the ground-truth queries only, like exact_numpy.
       rows.append(run_faiss(faiss, gallery, gt_queries if kind == "faiss_flat" else queries, truth, k, kind))
       gc.collect()
+  if FLAGS.matched:
+    rows.extend(dict(r, matched=True) for r in matched(gallery, gt_queries, truth, k, rows[0]["qps"],
+                                                       [float(t) for t in FLAGS.matched], faiss))
   for row in rows:
+    if row.get("matched"):
+      continue
     row.update(n=n, dim=dim, k=k)
     print(f"n={n:>8} d={dim:>4} {row['method']:<16} build {row['build_s']:8.2f} s  qps {row['qps']:10.1f}  "
           f"recall@{k} {row['recall']:.4f}  {row['index_bytes'] / 2**20:9.1f} MiB", flush=True)
@@ -152,9 +240,12 @@ def main(argv):
     for dim in FLAGS.dims:
       rows.extend(bench_one(int(n), int(dim), FLAGS, faiss))
       gc.collect()
-      common.write("retrieval", {"settings": settings, "rows": rows, "markdown": markdown(rows)}, FLAGS.out,
-                   quiet=True)
-  print(markdown(rows))
+      plain = [r for r in rows if not r.get("matched")]
+      at = [r for r in rows if r.get("matched")]
+      common.write("retrieval", {"settings": settings, "rows": plain, "markdown": markdown(plain),
+                                 "matched": at, "matched_markdown": matched_markdown(at)}, FLAGS.out, quiet=True)
+  print(markdown([r for r in rows if not r.get("matched")]))
+  print(matched_markdown([r for r in rows if r.get("matched")]))
 
 
 if __name__ == "__main__":
@@ -166,6 +257,8 @@ if __name__ == "__main__":
   flags.DEFINE_float("noise", 0.5, "Within-cluster spread: noise norm relative to the unit centre.")
   flags.DEFINE_integer("k", 10, "Neighbours per query (recall@k).")
   flags.DEFINE_list("scann_modes", ["auto"], "histojax index modes to time: auto, brute_force, ah, tree_ah.")
+  flags.DEFINE_list("matched", [], "Recall@k targets for queries/s at matched recall, e.g. 0.95,0.99.")
+  flags.DEFINE_bool("matched_only", False, "With --matched: skip the fixed-configuration rows.")
   flags.DEFINE_string("out", None, "JSON path; default bench/results/retrieval.json.")
   flags.DEFINE_string("note", "", "Free text stored with the results (e.g. machine load).")
   app.run(main)
