@@ -156,6 +156,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
     neighbors, scores = retrieve(idx, query, k, keys)
     results = metrics.retrieval_metrics(neighbors, gallery.label, query.label, ev.ks, query.source_id,
                                         class_names)
+    results.update(image_vote_variants(gallery, query, neighbors, scores, ev.ks))
     results.update(pair_metrics(gallery, query, config.seed))
   decisions = None
   task_pairs = dataset_pairs(config)
@@ -176,6 +177,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
       draw_report(config, workdir / "eval", results, gallery, query, neighbors, scores, class_names, k)
     print(format_table(results))
   return results
+
+
+def image_vote_variants(gallery: export.Export, query: export.Export, neighbors: np.ndarray,
+                        scores: np.ndarray, ks) -> dict:
+  """Other ways to pool a source image's answer than one vote per retrieved tile:
+  votes weighted by similarity (`image_weighted_vote@k`), and whole-source
+  retrieval by mean embedding (`image_centroid_vote@k`: the k nearest gallery images)."""
+  retrieved = metrics.neighbor_labels(neighbors, gallery.label)
+  _, truth = metrics.group_labels(query.label, query.source_id)
+  out = {}
+  for k in ks:
+    _, weighted = metrics.weighted_pooled_vote(retrieved, scores, query.source_id, k)
+    _, centroid = metrics.centroid_vote(query.embeddings, query.source_id, gallery.embeddings, gallery.source_id,
+                                        gallery.label, k)
+    out[f"image_weighted_vote@{k}"] = float(np.mean(weighted == truth))
+    out[f"image_centroid_vote@{k}"] = float(np.mean(centroid == truth))
+  return out
 
 
 def draw_report(config, eval_dir: epath.Path, results: dict, gallery: export.Export, query: export.Export,

@@ -100,7 +100,7 @@ def identity(config, split: str, step: int, fingerprint_: str) -> dict:
   """The fields an export is reused on, as they read back from JSON (tuples become lists)."""
   return json.loads(json.dumps({"dataset": config.dataset.name, "split": split, "step": step,
                                 "model": config.model.to_dict(), "image_size": config.input.image_size,
-                                "fingerprint": fingerprint_}))
+                                "tta": config.eval.get("tta", "none"), "fingerprint": fingerprint_}))
 
 
 # --- Embedding ------------------------------------------------------------------

@@ -142,11 +142,32 @@ def jit_train_step(trainer: Trainer, state: nnx.State):
       donate_argnums=0)
 
 
+TTA_MODES = ("none", "d8")
+
+
+def dihedral_views(images: jax.Array) -> list[jax.Array]:
+  """The 8 flips and rotations of a [B, H, W, C] batch (square images): tissue has no 'up'."""
+  views = [jnp.rot90(images, k, axes=(1, 2)) for k in range(4)]
+  return views + [v[:, :, ::-1] for v in views]
+
+
 def embed(trainer: Trainer, state: nnx.State, images: jax.Array) -> jax.Array:
-  """Eval-mode embeddings (running batch statistics, no state change)."""
+  """Eval-mode embeddings (running batch statistics, no state change).
+
+  With `eval.tta = "d8"` each image's embedding is the mean over its 8 flips
+  and rotations, L2-normalised again: a single view's embedding still moves
+  with orientation, which a tile of tissue does not have. Export and search
+  both embed through here, so gallery and queries always agree.
+  """
   model, _ = nnx.merge(trainer.graphdef, gather_model(trainer, state))
   model.eval()
-  return trainer.objective.embed(model, images)
+  tta = trainer.objective.config.eval.get("tta", "none")
+  if tta == "none":
+    return trainer.objective.embed(model, images)
+  if tta != "d8":
+    raise ValueError(f"eval.tta must be one of {TTA_MODES}, got {tta!r}")
+  total = sum(trainer.objective.embed(model, view).astype(jnp.float32) for view in dihedral_views(images))
+  return total / jnp.maximum(jnp.linalg.norm(total, axis=-1, keepdims=True), 1e-12)
 
 
 def jit_embed(trainer: Trainer):

@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from histojax.data import tiling
+from histojax.data import stain, tiling
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 # Histology images are legitimately huge (BRACS RoIs pass 100 Mpx); PIL's default
@@ -65,6 +65,7 @@ class TiledConfig(tfds.core.BuilderConfig):
   tissue_threshold: float | None = None  # saturation; None -> Otsu per image
   min_tissue_fraction: float = 0.5
   encoding: str = "png"  # "png" (lossless) or "jpeg" (quality 95, ~5x smaller)
+  stain: str | None = None  # "macenko": every image re-stained to one reference before tiling (histojax.data.stain)
 
   def image_spec(self) -> ImageSpec:
     tiles = None
@@ -75,8 +76,9 @@ class TiledConfig(tfds.core.BuilderConfig):
       raise ValueError(f"{self.name}: give either image_size or resize for whole images, not both")
     if self.encoding not in ("png", "jpeg"):
       raise ValueError(f"{self.name}: encoding must be 'png' or 'jpeg', got {self.encoding!r}")
+    stain.spec(self.stain)  # an unknown method fails here, before any image is read
     return ImageSpec(tiles, self.resize, tuple(self.image_size) if self.image_size else None,
-                     self.encoding)
+                     self.encoding, self.stain)
 
 
 @dataclasses.dataclass
@@ -93,6 +95,7 @@ class ImageSpec:
   resize: float
   image_size: tuple[int, int] | None
   encoding: str
+  stain: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +154,15 @@ def encode(array: np.ndarray, encoding: str) -> bytes:
   return buf.getvalue()
 
 
+def read_stained(path: str, spec: ImageSpec) -> np.ndarray:
+  """The decoded image, stain-normalised as the spec says (the query path makes the same call)."""
+  return stain.normalize(read_rgb(path), stain.spec(spec.stain))
+
+
 def _whole_image(path: str, spec: ImageSpec) -> bytes:
-  image = read_rgb(path)
+  image = read_stained(path, spec)
   with PIL.Image.open(path) as im:
-    untouched = im.format in ("JPEG", "PNG") and im.mode == "RGB"
+    untouched = im.format in ("JPEG", "PNG") and im.mode == "RGB" and spec.stain is None
   if spec.image_size is None and spec.resize == 1.0 and untouched:
     return epath.Path(path).read_bytes()  # already RGB JPEG/PNG: keep the original bytes
   if spec.image_size is not None:
@@ -172,7 +180,7 @@ def prepare_source(source: SourceImage, spec: ImageSpec) -> Prepared:
       tiles = [(0, 0, _whole_image(source.path, spec))]
       dropped = 0
     else:
-      kept, dropped = tiling.tile_image(read_rgb(source.path), spec.tiles)
+      kept, dropped = tiling.tile_image(read_stained(source.path, spec), spec.tiles)
       tiles = [(t.y, t.x, encode(t.image, spec.encoding)) for t in kept]
   except CorruptImageError as e:
     return Prepared(source, [], 0, str(e))
