@@ -124,6 +124,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   objectives.OBJECTIVES.get(config.objective.name)
   from histojax import index  # noqa: PLC0415  (index knobs fail here, before training, not at eval)
   index.IndexConfig.from_config(config.eval.index)
+  if config.eval.tta not in ("none", "d8"):  # step.TTA_MODES; step imports config, not the other way round
+    raise ValueError(f"eval.tta must be 'none' or 'd8', got {config.eval.tta!r}")
   sharding.compile_rules(config.mesh)
 
 
