@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 from absl import app, flags
 
@@ -34,6 +35,28 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+# Parameters of the largest backbone each format's published checkpoints fill (before
+# the shapes are read, the model is not known yet): OpenCLIP ViT-bigG/14 towers
+# (1.8B), timm ViT-g/14 foundation models such as Prov-GigaPath (1.1B), torchvision's
+# wide_resnet101_2 (127M).
+LARGEST_PUBLISHED = {"clip": 1_850_000_000, "timm_vit": 1_150_000_000, "torchvision_resnet": 130_000_000}
+# A training checkpoint can hold the weights, two Adam moments and an EMA/teacher
+# copy, in float32: 4 copies of 4 bytes per parameter.
+BYTES_PER_PARAMETER = 16
+
+
+def checkpoint_bound(format_name: str, model: str = "", max_checkpoint_gb: float = 0.0) -> int:
+  """Bytes a checkpoint's tensors may declare before the reader refuses to read them:
+  --max_checkpoint_gb if given, else BYTES_PER_PARAMETER x the parameters of --model,
+  or of the largest published backbone of the format."""
+  if max_checkpoint_gb:
+    return int(max_checkpoint_gb * 2**30)
+  params = LARGEST_PUBLISHED.get(format_name, max(LARGEST_PUBLISHED.values()))
+  if model:
+    params = models.parameter_count(models.abstract_model(models.model_config(model)).backbone)
+  return max(BYTES_PER_PARAMETER * params, 1 << 30)
+
+
 def target_config(fmt: weights.Format, tensors: dict, model: str = ""):
   """The model config the checkpoint is checked against: `model` (default: the
   inferred family) with every architecture field read off the shapes."""
@@ -46,12 +69,13 @@ def target_config(fmt: weights.Format, tensors: dict, model: str = ""):
 
 
 def convert(format_name: str, input_path: str, output: str, *, model: str = "", key: str = "", prefix: str = "",
-            allow_missing: tuple[str, ...] = ()) -> dict:
+            allow_missing: tuple[str, ...] = (), max_checkpoint_gb: float = 0.0) -> dict:
   """Writes `output` (weights + manifest) and returns the manifest."""
   if format_name not in weights.FORMATS:
     raise ValueError(f"--format must be one of {sorted(weights.FORMATS)}, got {format_name!r}")
   fmt = weights.FORMATS[format_name]
-  tensors = weights.read_state_dict(input_path, key=key, prefix=prefix)
+  tensors = weights.read_state_dict(input_path, key=key, prefix=prefix,
+                                    max_bytes=checkpoint_bound(format_name, model, max_checkpoint_gb))
   cfg, fields = target_config(fmt, tensors, model)
   abstract = models.abstract_model(cfg)
   imported = weights.import_tensors(abstract, tensors, fmt, source=input_path, allow_missing=allow_missing)
@@ -84,8 +108,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
   allow = tuple(p for p in FLAGS.allow_missing.split(",") if p)
-  manifest = convert(FLAGS.format, FLAGS.input, FLAGS.output, model=FLAGS.model, key=FLAGS.key,
-                     prefix=FLAGS.prefix, allow_missing=allow)
+  try:
+    manifest = convert(FLAGS.format, FLAGS.input, FLAGS.output, model=FLAGS.model, key=FLAGS.key,
+                       prefix=FLAGS.prefix, allow_missing=allow, max_checkpoint_gb=FLAGS.max_checkpoint_gb)
+  except weights.CheckpointReadError as e:  # a hostile or damaged file: the message is the story
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(summary(manifest, FLAGS.output))
 
 
@@ -98,4 +126,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("prefix", "", "Keep only tensors whose names start with this, stripped (e.g. 'backbone.').")
   flags.DEFINE_string("allow_missing", "", "Comma-separated backbone variable prefixes that may stay freshly "
                       "initialised (e.g. 'mask_' for mixed_attention from SE-ResNet weights).")
+  flags.DEFINE_float("max_checkpoint_gb", 0.0, "Refuse checkpoints whose tensors declare more than this many "
+                     "GiB, before reading them; default 16 bytes per parameter of --model or of the "
+                     "format's largest published backbone.")
   app.run(main)

@@ -1,7 +1,7 @@
 """Build a TFDS dataset from its archive (or, for synthetic data, from nothing).
 
     python -m histojax.prepare --dataset NAME [--config VARIANT] [--manual_dir DIR] [--data_dir DIR]
-                               [--workers N] [--skip_corrupt]
+                               [--workers N] [--skip_corrupt] [--max_pixels N]
 
 Prints examples per split and class, source images, tiles dropped by the
 tissue filter, corrupt images skipped, bytes on disk and seconds taken. A
@@ -49,7 +49,8 @@ def main(argv):
   name = f"{FLAGS.dataset}/{FLAGS.config}" if FLAGS.config else FLAGS.dataset
   try:
     summary = sources.prepare(name, FLAGS.data_dir or "", FLAGS.manual_dir or "",
-                              skip_corrupt=FLAGS.skip_corrupt, workers=FLAGS.workers)
+                              skip_corrupt=FLAGS.skip_corrupt, workers=FLAGS.workers,
+                              max_pixels=FLAGS.max_pixels)
   except BuildError as e:
     print(f"error: {e}", file=sys.stderr)  # the message is the help; a traceback would bury it
     sys.exit(1)
@@ -64,4 +65,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("workers", None, "Processes preparing images; default: one per CPU core.")
   flags.DEFINE_bool("skip_corrupt", False, "Leave out (and count) images that cannot be decoded, "
                     "instead of stopping the build.")
+  flags.DEFINE_integer("max_pixels", None, "Refuse archive images with more pixels than this, read from the "
+                       "header before decoding; default 2,000,000,000 (tfds_builders.common.MAX_PIXELS).")
   app.run(main)

@@ -27,11 +27,10 @@ import os
 import sys
 
 import numpy as np
-import PIL.Image
 from etils import epath
 
 from histojax import index, metrics
-from histojax.data import augment, tiling
+from histojax.data import augment, images, tiling
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -58,13 +57,10 @@ def query_paths(items: list[str]) -> list[str]:
   return paths
 
 
-def read_image(path: str) -> np.ndarray:
-  """uint8 HxWx3; a file PIL cannot decode raises ValueError naming it."""
-  try:
-    with PIL.Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except (OSError, PIL.Image.DecompressionBombError, ValueError) as e:
-    raise ValueError(f"{path}: not a readable image ({e})") from e
+def read_image(path: str, max_pixels: int = images.DEFAULT_MAX_PIXELS["search"]) -> np.ndarray:
+  """uint8 HxWx3; a file that cannot be decoded, or declares more than `max_pixels`
+  pixels, raises `images.ImageError` (a ValueError) naming it, before decoding."""
+  return images.read_image(path, max_pixels=max_pixels)
 
 
 def tiling_config(manifest: dict, image_size: int, resize: float | None = None):
@@ -223,7 +219,7 @@ def run(args, emit) -> int:
   status = 0
   for path in paths:
     try:
-      image = read_image(path)
+      image = read_image(path, args.max_pixels)
       patches = cut(image, cfg, model.image_size)
     except ValueError as e:
       emit({"query": path, "error": str(e)})
@@ -247,7 +243,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--step", type=int, help="query model checkpoint step; default the manifest's")
   parser.add_argument("--resize", type=float, help="replace the gallery's resize factor, for query images "
                       "scanned at another magnification (e.g. 0.5 for 40x queries against a 20x gallery)")
+  parser.add_argument("--max_pixels", type=int, default=images.DEFAULT_MAX_PIXELS["search"],
+                      help="refuse query images with more pixels than this, read from the header before "
+                      "decoding (default %(default)s: any histology RoI; a decompression bomb is refused)")
   args = parser.parse_args(argv)
+  if args.max_pixels <= 0:
+    parser.error(f"--max_pixels must be positive, got {args.max_pixels}")
   if args.k <= 0:
     parser.error(f"--k must be positive, got {args.k}")
   return args

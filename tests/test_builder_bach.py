@@ -92,11 +92,11 @@ def test_interrupted_build_never_reads_as_prepared(tmp_path, monkeypatch):
   bach_archive(tmp_path / "raw")
   real, calls = common.prepare_source, []
 
-  def interrupted(source, spec):
+  def interrupted(source, spec, **kwargs):
     calls.append(source)
     if len(calls) == 7:
       raise KeyboardInterrupt  # Ctrl-C halfway through the train split
-    return real(source, spec)
+    return real(source, spec, **kwargs)
 
   monkeypatch.setattr(common, "prepare_source", interrupted)
   with pytest.raises(KeyboardInterrupt):

@@ -31,12 +31,13 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from histojax.data import stain, tiling
+from histojax.data import images, stain, tiling
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
-# Histology images are legitimately huge (BRACS RoIs pass 100 Mpx); PIL's default
-# guard against decompression bombs would reject them. The archive is the user's own.
-PIL.Image.MAX_IMAGE_PIXELS = 2_000_000_000
+# Histology images are legitimately huge (BRACS RoIs pass 100 Mpx): archives get a
+# generous pixel limit, passed to each decode (never set process-wide on import);
+# `prepare --max_pixels` raises it.
+MAX_PIXELS = images.DEFAULT_MAX_PIXELS["archive"]
 
 
 class BuildError(Exception):
@@ -119,27 +120,12 @@ class Prepared:
 # ----------------------------------------------------------------------------- images
 
 
-def read_rgb(path: str) -> np.ndarray:
-  """HxWx3 uint8; any failure to decode raises CorruptImageError naming the file."""
+def read_rgb(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """HxWx3 uint8 (`histojax.data.images.read_image`); any failure raises CorruptImageError naming the file."""
   try:
-    with PIL.Image.open(path) as im:
-      im.load()
-      return _to_rgb(im)
-  except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
-    raise CorruptImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
-
-
-def _to_rgb(im: PIL.Image.Image) -> np.ndarray:
-  if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit microscope TIFFs
-    grey = np.asarray(im, np.float64)
-    grey = (grey / max(float(grey.max()), 1.0) * 255.0).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, -1)
-  if im.mode in ("RGBA", "LA", "P", "PA"):
-    # Transparent pixels become white: glass, not black "tissue".
-    rgba = im.convert("RGBA")
-    white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return np.asarray(PIL.Image.alpha_composite(white, rgba).convert("RGB"))
-  return np.asarray(im.convert("RGB"))
+    return images.read_image(path, max_pixels=max_pixels)
+  except images.ImageError as e:
+    raise CorruptImageError(f"cannot decode image {e}") from e
 
 
 def encode(array: np.ndarray, encoding: str) -> bytes:
@@ -154,15 +140,16 @@ def encode(array: np.ndarray, encoding: str) -> bytes:
   return buf.getvalue()
 
 
-def read_stained(path: str, spec: ImageSpec) -> np.ndarray:
+def read_stained(path: str, spec: ImageSpec, max_pixels: int) -> np.ndarray:
   """The decoded image, stain-normalised as the spec says (the query path makes the same call)."""
-  return stain.normalize(read_rgb(path), stain.spec(spec.stain))
+  return stain.normalize(read_rgb(path, max_pixels), stain.spec(spec.stain))
 
 
-def _whole_image(path: str, spec: ImageSpec) -> bytes:
-  image = read_stained(path, spec)
-  with PIL.Image.open(path) as im:
-    untouched = im.format in ("JPEG", "PNG") and im.mode == "RGB" and spec.stain is None
+def _whole_image(path: str, spec: ImageSpec, max_pixels: int) -> bytes:
+  image = read_stained(path, spec, max_pixels)  # checks the file before the header is trusted below
+  header = images.probe(path)
+  untouched = (header.format in ("JPEG", "PNG") and header.mode == "RGB" and header.orientation == 1
+               and spec.stain is None)
   if spec.image_size is None and spec.resize == 1.0 and untouched:
     return epath.Path(path).read_bytes()  # already RGB JPEG/PNG: keep the original bytes
   if spec.image_size is not None:
@@ -173,14 +160,14 @@ def _whole_image(path: str, spec: ImageSpec) -> bytes:
   return encode(image, spec.encoding)
 
 
-def prepare_source(source: SourceImage, spec: ImageSpec) -> Prepared:
+def prepare_source(source: SourceImage, spec: ImageSpec, max_pixels: int = MAX_PIXELS) -> Prepared:
   """All examples of one source image. Runs in worker processes: must stay picklable."""
   try:
     if spec.tiles is None:
-      tiles = [(0, 0, _whole_image(source.path, spec))]
+      tiles = [(0, 0, _whole_image(source.path, spec, max_pixels))]
       dropped = 0
     else:
-      kept, dropped = tiling.tile_image(read_stained(source.path, spec), spec.tiles)
+      kept, dropped = tiling.tile_image(read_stained(source.path, spec, max_pixels), spec.tiles)
       tiles = [(t.y, t.x, encode(t.image, spec.encoding)) for t in kept]
   except CorruptImageError as e:
     return Prepared(source, [], 0, str(e))
@@ -351,8 +338,10 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   CLASS_NAMES: Sequence[str] | None = None
   HOMEPAGE = ""
 
-  def __init__(self, *, skip_corrupt: bool = False, workers: int | None = None, **kwargs):
+  def __init__(self, *, skip_corrupt: bool = False, workers: int | None = None, max_pixels: int | None = None,
+               **kwargs):
     self._skip_corrupt = skip_corrupt
+    self._max_pixels = max_pixels or MAX_PIXELS
     self._workers = (os.cpu_count() or 1) if workers is None else workers
     super().__init__(**kwargs)
 
@@ -416,7 +405,7 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return self.builder_config.image_spec()
 
   def _generate_examples(self, split: str, sources: list[SourceImage]):
-    work = functools.partial(prepare_source, spec=self.image_spec(split))
+    work = functools.partial(prepare_source, spec=self.image_spec(split), max_pixels=self._max_pixels)
     stats = {"source_images": len(sources), "tiles_kept": 0, "tiles_dropped": 0,
              "images_without_tiles": 0, "corrupt_skipped": []}
     for done, result in enumerate(ordered_map(work, sources, self._workers), 1):

@@ -9,22 +9,20 @@ steps and nothing is dropped or counted twice.
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import grain
 import numpy as np
-import PIL.Image
 
 from histojax import preemption
-from histojax.data import augment, samplers
+from histojax.data import augment, images, samplers
 
 
 def decode_image(data) -> np.ndarray:
-  """Encoded bytes (PNG/JPEG/TIFF) -> uint8 HxWx3."""
+  """Encoded bytes (PNG/JPEG/TIFF, as a builder wrote them) -> uint8 HxWx3, through the
+  one decoder under the archive limit (a dataset folder can come from elsewhere too)."""
   if isinstance(data, np.ndarray):
     return data
-  with PIL.Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert("RGB"))
+  return images.read_image(bytes(data), max_pixels=images.DEFAULT_MAX_PIXELS["archive"], name="dataset example")
 
 
 @dataclasses.dataclass(frozen=True)

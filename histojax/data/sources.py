@@ -22,20 +22,24 @@ def builder(name: str, data_dir: str = "", **builder_kwargs) -> tfds.core.Datase
 
 
 def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: bool = False,
-            workers: int | None = None) -> dict[str, Any]:
+            workers: int | None = None, max_pixels: int | None = None) -> dict[str, Any]:
   """Builds the dataset if needed and returns a summary of what is on disk.
 
   TFDS writes into an `incomplete.*` folder and renames it only once every
   split is written, so an interrupted build never reads as prepared.
-  `skip_corrupt` and `workers` (processes) apply to the archive-reading
-  builders (`tfds_builders.common.TiledBuilder`).
+  `skip_corrupt`, `workers` (processes) and `max_pixels` (per image; default
+  `tfds_builders.common.MAX_PIXELS`) apply to the archive-reading builders
+  (`tfds_builders.common.TiledBuilder`).
   """
   kwargs = {}
-  if skip_corrupt or workers is not None:
+  if skip_corrupt or workers is not None or max_pixels is not None:
     cls = tfds.builder_cls(name.split("/")[0])
     if not issubclass(cls, TiledBuilder):
-      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt and workers do not apply")
+      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt, workers and max_pixels "
+                       "do not apply")
     kwargs = {"skip_corrupt": skip_corrupt, "workers": workers}
+    if max_pixels is not None:
+      kwargs["max_pixels"] = max_pixels
   b = builder(name, data_dir, **kwargs)
   start = time.perf_counter()
   if not b.is_prepared():

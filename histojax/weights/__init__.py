@@ -7,10 +7,11 @@ One module per published format; `FORMATS` names them for the CLI.
 
 from histojax.weights import clip, timm_vit, torchvision_resnet
 from histojax.weights.readers import read_state_dict
+from histojax.weights.torch_pickle import CheckpointReadError
 from histojax.weights.store import init_train_state
 from histojax.weights.transfer import Format, Imported, WeightMismatchError, import_tensors, model_variables
 
 FORMATS: dict[str, Format] = {f.name: f for f in (clip.FORMAT, timm_vit.FORMAT, torchvision_resnet.FORMAT)}
 
-__all__ = ["FORMATS", "Format", "Imported", "WeightMismatchError", "import_tensors", "init_train_state",
+__all__ = ["FORMATS", "CheckpointReadError", "Format", "Imported", "WeightMismatchError", "import_tensors", "init_train_state",
            "model_variables", "read_state_dict"]

@@ -22,25 +22,27 @@ SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "teacher", "net")
 
 
-def read_state_dict(path: str, key: str = "", prefix: str = "") -> dict[str, np.ndarray]:
+def read_state_dict(path: str, key: str = "", prefix: str = "", max_bytes: int | None = None) -> dict[str, np.ndarray]:
   """All tensors of `path` by name.
 
   key: dotted path to the weights inside a wrapping dict ("model",
     "ema.state_dict"); "" finds the usual wrappers.
   prefix: keep only names starting with it, with it removed ("visual.").
+  max_bytes: refuse (CheckpointReadError) a file whose tensors declare more bytes,
+    before reading them; default torch_pickle.DEFAULT_MAX_BYTES.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   suffix = next((s for s in SUFFIXES if path.endswith(s)), None)
   if suffix is None:
     raise ValueError(f"{path}: unknown checkpoint type; known suffixes: {', '.join(SUFFIXES)}")
+  max_bytes = torch_pickle.DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
   if suffix == ".safetensors":
-    tensors = _read_safetensors(path)
+    tensors = _read_safetensors(path, max_bytes)
   elif suffix == ".npz":
-    with np.load(path, allow_pickle=False) as f:
-      tensors = dict(f)
+    tensors = _read_npz(path, max_bytes)
   else:
-    tensors = flatten_tensors(_select(torch_pickle.load(path), key, path))
+    tensors = flatten_tensors(_select(torch_pickle.load(path, max_bytes=max_bytes), key, path))
   tensors = _strip_data_parallel(tensors)
   if prefix:
     tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -49,10 +51,35 @@ def read_state_dict(path: str, key: str = "", prefix: str = "") -> dict[str, np.
   return tensors
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # noqa: PLC0415  (only needed for this format)
-  with safe_open(path, framework="numpy") as f:
-    return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
+def _read_safetensors(path: str, max_bytes: int) -> dict[str, np.ndarray]:
+  """The library validates the header (length, JSON, offsets inside the file, no overlap);
+  its errors are named here. Tensors are file bytes, so the file size bounds them."""
+  from safetensors import SafetensorError, safe_open  # noqa: PLC0415  (only needed for this format)
+  if os.path.getsize(path) > max_bytes + (100 << 20):  # + the largest header the format allows
+    raise torch_pickle.CheckpointReadError(f"{path}: {os.path.getsize(path):,} bytes, over the bound of "
+                                           f"{max_bytes:,} for the model being filled")
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
+  except (SafetensorError, ValueError, TypeError, OSError, OverflowError) as e:
+    raise torch_pickle.CheckpointReadError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from e
+
+
+def _read_npz(path: str, max_bytes: int) -> dict[str, np.ndarray]:
+  """Arrays of a .npz, pickled objects refused; compressed members may not inflate past max_bytes."""
+  import zipfile  # noqa: PLC0415
+  try:
+    with zipfile.ZipFile(path) as z:
+      declared = sum(i.file_size for i in z.infolist())
+    if declared > max_bytes:
+      raise torch_pickle.CheckpointReadError(f"{path}: its arrays declare {declared:,} bytes, over the bound of "
+                                             f"{max_bytes:,} for the model being filled")
+    with np.load(path, allow_pickle=False) as f:
+      return dict(f)
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+    if isinstance(e, torch_pickle.CheckpointReadError):
+      raise
+    raise torch_pickle.CheckpointReadError(f"cannot read {path} as .npz arrays: {type(e).__name__}: {e}") from e
 
 
 def _is_state_dict(obj) -> bool:
