@@ -7,12 +7,11 @@ file or with `--config.a.b=...`) raises at once and names the field.
 
 from __future__ import annotations
 
-import json
 
 import ml_collections
 from etils import epath
 
-from histojax import models, objectives, optim, sharding
+from histojax import models, objectives, optim, sharding, untrusted
 from histojax.data import colour
 
 
@@ -206,11 +205,17 @@ def save(config: ml_collections.ConfigDict, path: epath.PathLike) -> None:
 
 
 def load(path: epath.PathLike) -> ml_collections.ConfigDict:
-  """Reads a config written by `save` and relocks it against the schema."""
-  raw = json.loads(epath.Path(path).read_text())
-  head = raw["model"].get("head", {}).get("name")
-  config = base_config(raw["model"]["name"], raw["objective"]["name"], head)
-  config.update_from_flattened_dict(_flatten(raw))
+  """Reads a config written by `save` and relocks it against the schema.
+
+  A damaged or foreign file raises CorruptFileError naming it and the field.
+  """
+  raw = untrusted.read_json(path, "run config (config.json)")
+  try:
+    head = (raw["model"].get("head") or {}).get("name")
+    config = base_config(raw["model"]["name"], raw["objective"]["name"], head)
+    config.update_from_flattened_dict(_flatten(raw))
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
+    raise untrusted.CorruptFileError(f"{path} is not a histojax run config: {type(e).__name__}: {e}") from None
   return config
 
 

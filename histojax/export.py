@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 
 from histojax import mesh as mesh_lib
-from histojax import pq
+from histojax import pq, untrusted
 from histojax import step as step_lib
 from histojax.data import pipeline, sources, tiling
 from histojax.models import embedder
@@ -166,7 +166,7 @@ def _open_staging(staging: epath.Path, manifest: dict, ranges) -> np.ndarray:
   done = np.zeros(len(ranges), bool)
   if jax.process_index() == 0:
     marker = staging / "manifest.json"
-    if marker.exists() and json.loads(marker.read_text()) == manifest:
+    if marker.exists() and _recorded(marker) == manifest:
       done = np.array([_chunk_path(staging, *r).exists() for r in ranges], bool)
     else:
       if staging.exists():
@@ -179,6 +179,14 @@ def _open_staging(staging: epath.Path, manifest: dict, ranges) -> np.ndarray:
   return done
 
 
+def _recorded(marker: epath.Path) -> dict | None:
+  """The staging folder's manifest; a damaged one reads as none, so the export starts over."""
+  try:
+    return untrusted.read_json(marker, "export staging manifest")
+  except untrusted.CorruptFileError:
+    return None
+
+
 def _save_npy(path: epath.Path, array: np.ndarray) -> None:
   """Writes next to `path` then renames, so a chunk is either whole or absent."""
   partial = path.parent / f".{path.name}.partial"
@@ -188,8 +196,7 @@ def _save_npy(path: epath.Path, array: np.ndarray) -> None:
 
 
 def _load_npy(path: epath.Path) -> np.ndarray:
-  with path.open("rb") as f:
-    return np.load(f)
+  return untrusted.load_npy(path)  # sizes checked, pickles refused, errors name the file
 
 
 def embed_resumable(trainer, state, source, input_cfg, staging: epath.Path, manifest: dict,
@@ -279,10 +286,13 @@ def load(directory: epath.PathLike) -> Export:
   directory = epath.Path(directory)
   if not (directory / "manifest.json").exists():
     raise FileNotFoundError(f"{directory} holds no export (no manifest.json)")
-  manifest = json.loads((directory / "manifest.json").read_text())
+  manifest = untrusted.read_json(directory / "manifest.json", "export manifest")
   embeddings = _load_npy(directory / "embeddings.npy")
-  with (directory / "metadata.npz").open("rb") as f:
-    meta = dict(np.load(f))
+  meta = untrusted.load_npz(directory / "metadata.npz")
+  missing = sorted({"label", "source_id", "coords"} - set(meta))
+  if missing or embeddings.ndim != 2:
+    raise untrusted.CorruptFileError(f"{directory}: damaged export (metadata.npz lacks {missing}, embeddings "
+                                     f"shape {embeddings.shape}); delete the folder to export again")
   codes = codebooks = None
   if (directory / "codes.npy").exists():
     codes, codebooks = _load_npy(directory / "codes.npy"), _load_npy(directory / "codebooks.npy")
@@ -295,7 +305,7 @@ def load(directory: epath.PathLike) -> Export:
 def _load_if_matching(directory: epath.Path, wanted: dict) -> Export | None:
   if not (directory / "manifest.json").exists():
     return None
-  manifest = json.loads((directory / "manifest.json").read_text())
+  manifest = untrusted.read_json(directory / "manifest.json", "export manifest")
   if any(manifest.get(k) != v for k, v in wanted.items()):
     return None
   return load(directory)

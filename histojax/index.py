@@ -38,7 +38,7 @@ import tempfile
 import numpy as np
 from etils import epath
 
-from histojax import fileio, pq
+from histojax import fileio, pq, untrusted
 
 MODES = ("auto", "exact", "brute_force", "ah", "tree_ah", "adc")
 REORDER_DTYPES = ("float32", "bfloat16", "int8")
@@ -329,13 +329,16 @@ def read_manifest(directory: epath.PathLike) -> dict:
   path = directory / "manifest.json"
   if not path.exists():
     raise FileNotFoundError(f"{directory} is not an index: it has no manifest.json")
-  try:
-    manifest = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  manifest = untrusted.read_json(path, "index manifest")
   if manifest.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}: index format version {manifest.get('format_version')!r}, this code reads "
                      f"{FORMAT_VERSION}; rebuild it with `python -m histojax.evaluate --workdir ...`")
+  wrong = [f"{k}={manifest.get(k)!r}" for k, ok in (
+      ("mode", lambda v: v in ("exact", "adc", "brute_force", "tree_ah")),
+      ("count", lambda v: isinstance(v, int) and v > 0), ("dim", lambda v: isinstance(v, int) and v > 0),
+      ("params", lambda v: v is None or isinstance(v, dict))) if not ok(manifest.get(k))]
+  if wrong:
+    raise untrusted.CorruptFileError(f"{path}: damaged index manifest ({', '.join(wrong)}); rebuild the index")
   return manifest
 
 
@@ -349,16 +352,43 @@ def load(directory: epath.PathLike) -> tuple[Index, dict]:
   elif mode == "exact":
     gallery = _load_npy(directory / "gallery.npy")
   else:
-    import scann
-    with fileio.local_copy(directory / "scann") as local:  # ScaNN reads local folders only
-      searcher = scann.scann_ops_pybind.load_searcher(str(local))
+    searcher = _load_searcher(directory / "scann")
+  _check_shapes(directory, manifest, gallery, codes)
   return Index(mode, gallery, searcher, codes, codebooks, dict(manifest.get("params", {})),
                manifest["count"], manifest["dim"]), manifest
 
 
 def _load_npy(path: epath.Path) -> np.ndarray:
-  with path.open("rb") as f:  # through epath: gs:// too
-    return np.load(f)
+  return untrusted.load_npy(path)  # through epath: gs:// too; sizes checked, pickles refused
+
+
+# What `save` writes in scann/; anything else (scann_docids.pkl, which ScaNN would unpickle) is refused.
+_SCANN_SUFFIXES = (".pb", ".pbtxt", ".npy")
+
+
+def _load_searcher(folder: epath.Path):
+  import scann
+  if not (folder / "scann_assets.pbtxt").exists():  # else ScaNN would rewrite the folder itself
+    raise FileNotFoundError(f"{folder} has no scann_assets.pbtxt: not a searcher saved by histojax; rebuild the index")
+  strange = sorted(p.name for p in folder.iterdir() if not p.name.endswith(_SCANN_SUFFIXES))
+  if strange:
+    raise untrusted.CorruptFileError(f"{folder} holds files no histojax index has ({', '.join(strange)}); "
+                                     "refused without loading (a .pkl there would be unpickled by ScaNN)")
+  for npy in folder.glob("*.npy"):
+    untrusted.check_npy(npy)  # sizes checked and object arrays refused before ScaNN reads them
+  with fileio.local_copy(folder) as local:  # ScaNN reads local folders only
+    try:
+      return scann.scann_ops_pybind.load_searcher(str(local), assets_backcompat_shim=False)
+    except (RuntimeError, IndexError, ValueError, UnicodeDecodeError, OSError) as e:
+      raise untrusted.CorruptFileError(f"{folder}: ScaNN cannot load this searcher (damaged?): "
+                                       f"{type(e).__name__}: {e}; rebuild the index") from None
+
+
+def _check_shapes(directory, manifest: dict, gallery, codes) -> None:
+  n = len(gallery) if gallery is not None else len(codes) if codes is not None else None
+  if n is not None and (n != manifest["count"] or (gallery is not None and gallery.shape[1:] != (manifest["dim"],))):
+    raise untrusted.CorruptFileError(f"{directory}: the arrays hold {n} rows, the manifest says {manifest['count']} "
+                                     f"of dim {manifest['dim']}; rebuild the index")
 
 
 def load_rows(directory: epath.PathLike) -> dict[str, np.ndarray]:
@@ -366,8 +396,7 @@ def load_rows(directory: epath.PathLike) -> dict[str, np.ndarray]:
   path = epath.Path(directory) / "rows.npz"
   if not path.exists():
     raise FileNotFoundError(f"index {directory} has no rows.npz (labels and ids of its gallery rows)")
-  with path.open("rb") as f:
-    return dict(np.load(f))
+  return untrusted.load_npz(path)
 
 
 def load_if_matching(directory: epath.PathLike, expected: dict) -> tuple[Index, dict] | None:

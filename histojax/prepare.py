@@ -2,15 +2,22 @@
 
     python -m histojax.prepare --dataset NAME [--config VARIANT] [--manual_dir DIR] [--data_dir DIR]
                                [--workers N] [--skip_corrupt] [--max_pixels N]
+                               [--beam_runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner
+                                [--beam_options "--flag=value ..."]]
 
 Prints examples per split and class, source images, tiles dropped by the
 tissue filter, corrupt images skipped, bytes on disk and seconds taken. A
 missing archive or a corrupt image ends the run with a message that says what
 to do, and leaves nothing that reads as prepared.
+
+With --beam_runner the images are prepared as an Apache Beam pipeline on that
+runner (`pip install -r requirements-beam.txt`); the dataset written is the
+same, record for record, as the local route's.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from absl import app, flags
@@ -41,30 +48,49 @@ def format_summary(summary: dict) -> str:
   return "\n".join(lines)
 
 
+def run(dataset: str, config: str | None = None, data_dir: str = "", manual_dir: str = "",
+        workers: int | None = None, skip_corrupt: bool = False, max_pixels: int | None = None,
+        beam_runner: str | None = None, beam_options: str = "") -> dict:
+  """Prepares `dataset` (variant `config`) and returns its summary; BuildError says what to fix."""
+  name = f"{dataset}/{config}" if config else dataset
+  return sources.prepare(name, data_dir, manual_dir, skip_corrupt=skip_corrupt, workers=workers,
+                         max_pixels=max_pixels, beam_runner=beam_runner,
+                         beam_options=shlex.split(beam_options or ""))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
+  if FLAGS.beam_options and not FLAGS.beam_runner:
+    raise app.UsageError("--beam_options needs --beam_runner")
   monitor.quiet_libraries()
-  name = f"{FLAGS.dataset}/{FLAGS.config}" if FLAGS.config else FLAGS.dataset
   try:
-    summary = sources.prepare(name, FLAGS.data_dir or "", FLAGS.manual_dir or "",
-                              skip_corrupt=FLAGS.skip_corrupt, workers=FLAGS.workers,
-                              max_pixels=FLAGS.max_pixels)
+    summary = run(FLAGS.dataset, FLAGS.config, FLAGS.data_dir or "", FLAGS.manual_dir or "", FLAGS.workers,
+                  FLAGS.skip_corrupt, FLAGS.max_pixels, FLAGS.beam_runner, FLAGS.beam_options or "")
   except BuildError as e:
     print(f"error: {e}", file=sys.stderr)  # the message is the help; a traceback would bury it
     sys.exit(1)
   print(format_summary(summary))
 
 
-if __name__ == "__main__":
+def define_flags():
   flags.DEFINE_string("dataset", None, "TFDS dataset name, e.g. synthetic_tissue.", required=True)
   flags.DEFINE_string("config", None, "Builder config (variant), e.g. tiny.")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir; default $TFDS_DATA_DIR or ~/tensorflow_datasets.")
   flags.DEFINE_string("manual_dir", None, "Folder holding the archives you downloaded.")
-  flags.DEFINE_integer("workers", None, "Processes preparing images; default: one per CPU core.")
+  flags.DEFINE_integer("workers", None, "Processes preparing images (local route, and the DirectRunner); "
+                       "default: one per CPU core.")
   flags.DEFINE_bool("skip_corrupt", False, "Leave out (and count) images that cannot be decoded, "
                     "instead of stopping the build.")
   flags.DEFINE_integer("max_pixels", None, "Refuse archive images with more pixels than this, read from the "
                        "header before decoding; default 2,000,000,000 (tfds_builders.common.MAX_PIXELS).")
+  flags.DEFINE_enum("beam_runner", None, list(sources.BEAM_RUNNERS),
+                    "Prepare as an Apache Beam pipeline on this runner (needs requirements-beam.txt).")
+  flags.DEFINE_string("beam_options", None, "Beam pipeline flags for the runner, one string, e.g. "
+                      "\"--project=P --region=R --temp_location=gs://B/tmp\".")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -34,11 +34,14 @@ def save(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:
   return path
 
 
-def build(name: str, config, manual_dir, data_dir, **builder_kwargs):
-  """Builds `name` with `config` (object or registered name); returns (data_source dict, builder)."""
+def build(name: str, config, manual_dir, data_dir, beam_options=None, **builder_kwargs):
+  """Builds `name` with `config` (object or registered name); returns (data_source dict, builder).
+
+  With `beam_options` (PipelineOptions) the images are prepared by the Beam route."""
   builder_kwargs.setdefault("workers", 0)
   b = tfds.builder(name, config=config, data_dir=str(data_dir), file_format="array_record", **builder_kwargs)
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir),
+                                                                      beam_options=beam_options))
   config_name = config if isinstance(config, str) else config.name
   return tfds.data_source(f"{name}/{config_name}", data_dir=str(data_dir)), b
 

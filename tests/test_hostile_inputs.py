@@ -216,3 +216,293 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
   with pytest.raises(torch_pickle.CheckpointReadError, match="objects.npz.*allow_pickle"):
     readers.read_state_dict(str(path))
   assert not marker.exists()
+
+
+# --- No unrestricted unpickling anywhere ----------------------------------------------
+
+_PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "marshal", "shelve", "torch",
+                   "pandas"}
+_FORBIDDEN = {"load", "loads", "Unpickler", "read_pickle", "open"}
+_RESTRICTED_UNPICKLER = Path("histojax/weights/torch_pickle.py")
+
+
+def pickle_reads(source: str, filename: str) -> list[str]:
+  """Places in `source` that could unpickle: pickle-like modules' load/loads/Unpickler
+  (however imported), and np.load / read_array with allow_pickle not literally False."""
+  import ast
+  tree = ast.parse(source, filename)
+  aliases = {}
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for a in node.names:
+        if a.name.split(".")[0] in _PICKLE_MODULES:
+          aliases[a.asname or a.name.split(".")[0]] = a.name.split(".")[0]
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in _PICKLE_MODULES:
+      for a in node.names:
+        if a.name in _FORBIDDEN:
+          found.append(f"{filename}:{node.lineno}: from {node.module} import {a.name}")
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+      module = aliases[node.value.id]
+      if node.attr in _FORBIDDEN and not (module == "shelve" and node.attr != "open"):
+        allowed = node.attr == "Unpickler" and module == "pickle" and Path(filename) == _RESTRICTED_UNPICKLER
+        if not allowed and not (module == "pandas" and node.attr != "read_pickle") and not (
+            module in ("torch", "joblib", "dill", "cloudpickle", "marshal") and node.attr == "Unpickler"):
+          found.append(f"{filename}:{node.lineno}: {node.value.id}.{node.attr}")
+    if isinstance(node, ast.Call):
+      name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+      if name in ("load", "read_array"):
+        for kw in node.keywords:
+          if kw.arg == "allow_pickle" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
+            found.append(f"{filename}:{node.lineno}: {name}(..., allow_pickle={ast.unparse(kw.value)})")
+  return found
+
+
+def test_no_unrestricted_unpickling_anywhere():
+  planted = ("import pickle as p\nimport numpy as np\nfrom dill import loads\nimport torch\n"
+             "p.load(f)\nnp.load(f, allow_pickle=True)\ntorch.load(x)\nnp.load(f, allow_pickle=flag)\n")
+  assert len(pickle_reads(planted, "planted.py")) == 5  # the checker sees every form
+  found = []
+  for folder in ("histojax", "tfds_builders", "bench", "configs", "launch"):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+      found += pickle_reads(path.read_text(), str(path.relative_to(ROOT)))
+  assert not found, "unpickling outside histojax/weights/torch_pickle.py:\n" + "\n".join(found)
+
+
+# --- Index, export and config folders ------------------------------------------------
+
+DAMAGES = ["empty", "truncated", "bitflip", "wrong_type", "oversized"]
+
+
+def _snapshot(folder: Path) -> dict:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _damage_file(path: Path, how: str) -> None:
+  data = path.read_bytes()
+  if how == "oversized":
+    if path.suffix == ".npy":
+      data = _npy_declaring_more(data)
+    elif path.suffix == ".npz":  # a member whose header declares far more than it holds
+      with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+      with zipfile.ZipFile(path, "w") as z:
+        for name, raw in members.items():
+          z.writestr(name, _npy_declaring_more(raw))
+      return
+    elif path.suffix == ".json":
+      data = data + b" " * (2 << 20)  # beyond the (lowered) JSON bound of the test
+    else:
+      data = data + os.urandom(1 << 20)  # a megabyte of garbage appended
+  elif how == "wrong_type":
+    data = {".json": b"[1, 2, 3]\n", ".npy": b"\x93NUMPY\x01\x00v\x00" + b"not a header" * 9,
+            ".npz": b"PK\x03\x04 not a zip at all"}.get(path.suffix, b"\x00\xff plain garbage \x00" * 8)
+  else:
+    data = _damaged(data, how)
+  path.write_bytes(data)
+
+
+def _npy_declaring_more(data: bytes) -> bytes:
+  """The same .npy (format 1.0) with a header declaring 10^13 rows; the data left as it was."""
+  import ast
+  end = data.index(b"\n") + 1
+  fields = ast.literal_eval(data[10:end].decode("latin1"))
+  shape = (10**13, *fields["shape"][1:])
+  header = f"{{'descr': {fields['descr']!r}, 'fortran_order': {fields['fortran_order']!r}, 'shape': {shape!r}, }}"
+  header = header.ljust(end - 10 - 1) + "\n"
+  assert len(header) == end - 10, "no room in the header"
+  return data[:10] + header.encode("latin1") + data[end:]
+
+
+def _index_folder(tmp_path: Path, mode: str) -> Path:
+  import ml_collections
+  from histojax import index
+  rng = np.random.default_rng(0)
+  gallery = rng.normal(size=(300, 16)).astype(np.float32)
+  cfg = ml_collections.ConfigDict(dict(mode=mode, num_leaves=0, leaves_to_search=0, reorder=0, dims_per_block=0))
+  rows = {"label": np.arange(300) % 3, "source_id": np.array([f"s{i % 7}" for i in range(300)]),
+          "coords": np.zeros((300, 2), np.int32)}
+  index.save(index.build(gallery, cfg), tmp_path / "index", {"dataset": "x"}, rows)
+  return tmp_path / "index"
+
+
+def _read_index(folder: Path):
+  from histojax import index
+  idx, manifest = index.load(folder)
+  return idx, manifest, index.load_rows(folder)
+
+
+@pytest.fixture(scope="module")
+def built_indexes(tmp_path_factory):
+  base = tmp_path_factory.mktemp("indexes")
+  return {mode: _index_folder(base / mode, mode) for mode in ("exact", "tree_ah")}
+
+
+def _files_of(mode):
+  return {"exact": ["manifest.json", "rows.npz", "gallery.npy"],
+          "tree_ah": ["manifest.json", "rows.npz", "scann/dataset.npy", "scann/datapoint_to_token.npy",
+                      "scann/scann_config.pb", "scann/scann_assets.pbtxt", "scann/ah_codebook.pb"]}[mode]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("mode", ["exact", "tree_ah"])
+def test_damaged_index_folders(built_indexes, tmp_path, monkeypatch, mode, how):
+  import shutil
+  from histojax import untrusted
+  monkeypatch.setattr(untrusted, "MAX_JSON_BYTES", 1 << 20)
+  for name in _files_of(mode):
+    folder = tmp_path / name.replace("/", "_")
+    shutil.copytree(built_indexes[mode], folder)
+    _damage_file(folder / name, how)
+    before = _snapshot(folder)
+    try:
+      idx, manifest, rows = _read_index(folder)
+    except (ValueError, FileNotFoundError) as e:
+      assert str(folder) in str(e), (name, how, e)
+      assert type(e).__module__ in ("histojax.untrusted", "builtins"), (name, how, type(e), e)
+    else:  # only a flip inside stored numbers or protobuf payload can go unseen
+      assert how == "bitflip" and name.endswith((".npy", ".pb", ".npz")), (name, how)
+      assert idx.size == manifest["count"] == len(rows["label"])
+    assert _snapshot(folder) == before, f"reading damaged {name} ({how}) changed the folder"
+
+
+def test_index_refuses_a_pickle_planted_for_scann(built_indexes, tmp_path):
+  """ScaNN's load_searcher unpickles scann/scann_docids.pkl when present: never reached."""
+  import shutil
+  from histojax import index, untrusted
+  folder = tmp_path / "index"
+  shutil.copytree(built_indexes["tree_ah"], folder)
+  marker = tmp_path / "MARKER"
+  (folder / "scann" / "scann_docids.pkl").write_bytes(pickle.dumps(H.Payload(marker)))
+  with pytest.raises(untrusted.CorruptFileError, match="scann_docids.pkl"):
+    index.load(folder)
+  (folder / "scann" / "scann_docids.pkl").unlink()
+  np.save(folder / "scann" / "dataset.npy", np.array([H.Payload(marker)], dtype=object), allow_pickle=True)
+  with pytest.raises(untrusted.CorruptFileError, match="Python objects"):
+    index.load(folder)
+  assert not marker.exists()
+
+
+def _export_folder(tmp_path: Path) -> Path:
+  import json
+  folder = tmp_path / "export"
+  folder.mkdir(parents=True)
+  np.save(folder / "embeddings.npy", np.ones((5, 8), np.float32))
+  np.savez(folder / "metadata.npz", label=np.arange(5), source_id=np.array(list("abcde")),
+           coords=np.zeros((5, 2), np.int32))
+  (folder / "manifest.json").write_text(json.dumps({"count": 5, "dataset": "x"}))
+  return folder
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_export_folders(tmp_path, monkeypatch, how):
+  from histojax import export, untrusted
+  monkeypatch.setattr(untrusted, "MAX_JSON_BYTES", 1 << 20)
+  assert export.load(_export_folder(tmp_path / "good")).embeddings.shape == (5, 8)
+  for name in ("manifest.json", "embeddings.npy", "metadata.npz"):
+    folder = _export_folder(tmp_path / f"{name}")
+    _damage_file(folder / name, how)
+    before = _snapshot(folder)
+    try:
+      loaded = export.load(folder)
+    except (ValueError, FileNotFoundError) as e:
+      assert str(folder) in str(e), (name, how, e)
+    else:
+      assert how == "bitflip" and name.endswith((".npy", ".npz")) and len(loaded.label) == 5, (name, how)
+    assert _snapshot(folder) == before
+
+
+def test_export_with_pickled_metadata_is_refused(tmp_path):
+  from histojax import export, untrusted
+  folder = _export_folder(tmp_path)
+  marker = tmp_path / "MARKER"
+  np.savez(folder / "metadata.npz", label=np.arange(5), source_id=np.array([H.Payload(marker)] * 5, dtype=object),
+           coords=np.zeros((5, 2), np.int32))
+  with pytest.raises(untrusted.CorruptFileError, match="metadata.npz.*Python objects"):
+    export.load(folder)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", DAMAGES + ["foreign_json"])
+def test_damaged_config_json(tmp_path, monkeypatch, how):
+  from histojax import config as config_lib
+  from histojax import untrusted
+  monkeypatch.setattr(untrusted, "MAX_JSON_BYTES", 1 << 20)
+  path = tmp_path / "config.json"
+  config_lib.save(config_lib.base_config(), path)
+  assert config_lib.load(path).model.name == config_lib.base_config().model.name
+  if how == "foreign_json":
+    path.write_text('{"model": {"name": "resnet"}, "objective": {"name": "multi_similarity"}, "bogus": {"x": 1}}')
+  else:
+    _damage_file(path, how)
+  before = path.read_bytes()
+  try:
+    config_lib.load(path)
+  except ValueError as e:
+    assert "config.json" in str(e), e
+    assert type(e).__module__ == "histojax.untrusted", type(e)
+  else:
+    assert how == "bitflip"  # a flip inside a number's digits is still a valid config
+  assert path.read_bytes() == before
+
+
+# --- Pair-task CSVs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [b"\x00\x01\x02 binary\x00", b"\xff\xfe\xfa not utf-8", b"a.png," + b"x" * 200_000,
+                                     b"a.png,b.png\n" * 3 + b"\x00"])
+def test_damaged_pair_csv_is_named(tmp_path, content):
+  from tfds_builders.pair_query import pair_query_dataset_builder as pq_builder
+  from etils import epath
+  path = tmp_path / "queries.csv"
+  path.write_bytes(content)
+  with pytest.raises(pq_builder.CsvError, match="queries.csv line"):
+    list(pq_builder._rows(epath.Path(path)))  # noqa: SLF001
+
+
+def test_oversized_pair_csv_is_refused_unread(tmp_path, monkeypatch):
+  from tfds_builders.pair_query import pair_query_dataset_builder as pq_builder
+  from etils import epath
+  monkeypatch.setattr(pq_builder, "MAX_CSV_BYTES", 1000)
+  path = tmp_path / "queries.csv"
+  path.write_bytes(b"a.png,b.png\n" * 200)
+  with pytest.raises(pq_builder.CsvError, match="too large for a pair list"):
+    list(pq_builder._rows(epath.Path(path)))  # noqa: SLF001
+
+
+def test_damaged_recorded_pairs_are_named():
+  from histojax.data import sources
+  sources._check_pairs({"query": [["a", "b"]], "validation": [["a", "b", 1]]}, "x")  # noqa: SLF001
+  for bad in ({"query": "ab"}, {"query": [["a"]]}, {"query": [["a", "b"]], "validation": [["a", "b", 7]]}, [1]):
+    with pytest.raises(ValueError, match="meta.json: the recorded query pairs are damaged"):
+      sources._check_pairs(bad, "meta.json")  # noqa: SLF001
+
+
+# --- Images at the search entry point ---------------------------------------------------
+
+def test_search_refuses_a_bomb_and_says_how_to_raise_the_limit(tmp_path):
+  from histojax import search
+  from histojax.data import images
+  from tests import image_fixtures
+  bomb = tmp_path / "bomb.png"
+  bomb.write_bytes(image_fixtures.png_bomb())
+  assert search.parse(["--index", "x", "--images", "y"]).max_pixels == images.DEFAULT_MAX_PIXELS["search"]
+  with pytest.raises(images.ImageTooLargeError, match="bomb.png: 20000 x 20000 .* raise the limit .*--max_pixels"):
+    search.read_image(str(bomb))
+  with pytest.raises(SystemExit):
+    search.parse(["--index", "x", "--images", "y", "--max_pixels", "0"])
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"kind\": ", b"[1, 2]", b"\xff\xfe garbage", b'{"kind": "x"}'])
+def test_damaged_weights_manifest_for_init_from(tmp_path, content):
+  from histojax.weights import store
+  (tmp_path / "manifest.json").write_bytes(content)
+  with pytest.raises(ValueError, match="manifest.json"):
+    store.read_manifest(tmp_path)
+  assert (tmp_path / "manifest.json").read_bytes() == content
+
+
+def test_a_damaged_export_staging_manifest_starts_the_export_over(tmp_path):
+  from histojax import export
+  (tmp_path / "manifest.json").write_bytes(b"{ half a manifest")
+  assert export._recorded(tmp_path / "manifest.json") is None  # noqa: SLF001

@@ -123,9 +123,16 @@ class Prepared:
 def read_rgb(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
   """HxWx3 uint8 (`histojax.data.images.read_image`); any failure raises CorruptImageError naming the file."""
   try:
-    return images.read_image(path, max_pixels=max_pixels)
+    return images.read_image(_readable(path), max_pixels=max_pixels, name=path)
   except images.ImageError as e:
     raise CorruptImageError(f"cannot decode image {e}") from e
+  except OSError as e:  # a gs:// file that cannot be read (local paths: ImageError above)
+    raise CorruptImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+
+
+def _readable(path: str):
+  """What the decoder opens: a local path as it is; a gs:// (or other epath) path as its bytes."""
+  return epath.Path(path).read_bytes() if "://" in path else path
 
 
 def encode(array: np.ndarray, encoding: str) -> bytes:
@@ -147,7 +154,7 @@ def read_stained(path: str, spec: ImageSpec, max_pixels: int) -> np.ndarray:
 
 def _whole_image(path: str, spec: ImageSpec, max_pixels: int) -> bytes:
   image = read_stained(path, spec, max_pixels)  # checks the file before the header is trusted below
-  header = images.probe(path)
+  header = images.probe(_readable(path), name=path)
   untouched = (header.format in ("JPEG", "PNG") and header.mode == "RGB" and header.orientation == 1
                and spec.stain is None)
   if spec.image_size is None and spec.resize == 1.0 and untouched:
@@ -343,6 +350,7 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._skip_corrupt = skip_corrupt
     self._max_pixels = max_pixels or MAX_PIXELS
     self._workers = (os.cpu_count() or 1) if workers is None else workers
+    self._beam = False  # set per build from TFDS's download_config (_generate_splits)
     super().__init__(**kwargs)
 
   def _sources(self, manual_dir: epath.Path) -> list[SourceImage]:
@@ -385,6 +393,17 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         f"{self.name}: {problem}\n{tfds.core.utils.dedent(self.MANUAL_DOWNLOAD_INSTRUCTIONS)}\n"
         f"Then run: python -m histojax.prepare --dataset {self.name} --manual_dir DIR")
 
+  def _generate_splits(self, dl_manager, download_config):
+    # TFDS shows the Beam runner and options only here; they decide the route.
+    self._beam = download_config.beam_runner is not None or download_config.beam_options is not None
+    try:
+      return super()._generate_splits(dl_manager, download_config)
+    except Exception as e:  # noqa: BLE001  (a runner hands back a worker's error as text)
+      corrupt = self._beam and _corrupt_image_in(str(e))
+      if corrupt:
+        raise CorruptImageError(corrupt) from e
+      raise
+
   def _split_generators(self, dl_manager):
     manual_dir = self._manual_dir(dl_manager)
     self.builder_config.image_spec()  # a bad config fails before any image is read
@@ -397,7 +416,9 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       by_split[s.split].append(s)
     self.info.metadata.update({"manual_dir": os.fspath(manual_dir), "splits": {},
                                "config": _config_record(self.builder_config)})
-    return {split: self._generate_examples(split, items) for split, items in by_split.items()}
+    self._split_sources = dict(by_split)
+    generate = self._beam_examples if self._beam else self._generate_examples
+    return {split: generate(split, items) for split, items in by_split.items()}
 
   def image_spec(self, split: str) -> ImageSpec:
     """How the images of `split` are prepared; a builder may differ per split."""
@@ -411,8 +432,7 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for done, result in enumerate(ordered_map(work, sources, self._workers), 1):
       if result.error:
         if not self._skip_corrupt:
-          raise CorruptImageError(f"{result.error}\nNothing was marked prepared. Replace the file, or "
-                                  "pass --skip_corrupt to leave it out and count it.")
+          raise corrupt_image_error(result.error)
         logging.warning("skipping corrupt image: %s", result.error)
         stats["corrupt_skipped"].append(result.source.path)
       stats["tiles_kept"] += len(result.examples)
@@ -423,10 +443,39 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         logging.info("%s/%s: %d/%d images, %d tiles kept, %d dropped", self.name, split, done,
                      len(sources), stats["tiles_kept"], stats["tiles_dropped"])
       yield from result.examples
-    if not stats["tiles_kept"]:
-      raise EmptySplitError(f"{self.name}: split {split!r} has no examples: {len(sources)} images gave "
-                       f"{stats['tiles_dropped']} tiles, all dropped by the tissue filter")
+    self._check_not_empty(split, stats)
     self.info.metadata["splits"][split] = stats
+
+  def _beam_examples(self, split: str, sources: list[SourceImage]):
+    """The Beam route: the same prepare_source on each image, on the runner TFDS was given."""
+    from tfds_builders import beam_route  # apache-beam is an optional extra
+    return beam_route.prepare_split(sources, self.image_spec(split), split, self._skip_corrupt, self._max_pixels)
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    # Runs after the pipeline and before TFDS finalises the splits and writes metadata.json.
+    from tfds_builders import beam_route
+    for split, sources in self._split_sources.items():
+      stats = beam_route.split_stats(pipeline_result, split, sources)
+      self._check_not_empty(split, stats)
+      self.info.metadata["splits"][split] = stats
+
+  def _check_not_empty(self, split: str, stats: dict[str, Any]) -> None:
+    if not stats["tiles_kept"]:
+      raise EmptySplitError(f"{self.name}: split {split!r} has no examples: {stats['source_images']} images "
+                            f"gave {stats['tiles_dropped']} tiles, all dropped by the tissue filter")
+
+
+def corrupt_image_error(error: str) -> CorruptImageError:
+  """The stop of a build on a corrupt image, worded the same on every route."""
+  return CorruptImageError(f"{error}\nNothing was marked prepared. Replace the file, or pass "
+                           "--skip_corrupt to leave it out and count it.")
+
+
+def _corrupt_image_in(runner_error: str) -> str:
+  """corrupt_image_error's message, when a Beam worker raised it (the runner keeps only its text)."""
+  found = re.search(r"CorruptImageError: (.+?--skip_corrupt to leave it out and count it\.)", runner_error,
+                    re.DOTALL)
+  return found.group(1) if found else ""
 
 
 def _config_record(cfg: TiledConfig) -> dict[str, Any]:

@@ -68,11 +68,13 @@ def read_image(source, *, max_pixels: int, name: str | None = None) -> np.ndarra
     try:
       check_pixels(im.size, max_pixels, label)
       im.load()
-      return _to_rgb(PIL.ImageOps.exif_transpose(im))
+      if im.getexif().get(0x0112, 1) != 1:  # only then: exif_transpose copies even upright images
+        im = PIL.ImageOps.exif_transpose(im)
+      return _to_rgb(im)
     except ImageError:
       raise
     except _DECODE_ERRORS as e:
-      raise ImageError(f"{label}: cannot decode the {im.format} image: {type(e).__name__}: {e}") from e
+      raise ImageError(f"{label}: not a readable image (damaged {im.format} data: {type(e).__name__}: {e})") from e
     finally:
       im.close()
 
@@ -117,7 +119,7 @@ def _file(source, label: str):
   try:
     return io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else open(source, "rb")
   except OSError as e:
-    raise ImageError(f"{label}: cannot open: {e.strerror or e}") from e
+    raise ImageError(f"{label}: not a readable image ({e.strerror or e})") from e
 
 
 def _open(fp, label: str) -> PIL.Image.Image:
@@ -130,7 +132,7 @@ def _open(fp, label: str) -> PIL.Image.Image:
   PIL.Image.init()
   prefix = fp.read(16)
   if not prefix:
-    raise ImageError(f"{label}: empty file, not an image")
+    raise ImageError(f"{label}: not a readable image (empty file)")
   for fmt in FORMATS:
     factory, accept = PIL.Image.OPEN.get(fmt, (None, None))
     if factory is None or (accept is not None and not _truthy(accept(prefix))):
@@ -141,8 +143,8 @@ def _open(fp, label: str) -> PIL.Image.Image:
         warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
         return factory(fp, label)
     except _DECODE_ERRORS as e:
-      raise ImageError(f"{label}: not a readable {fmt} image (damaged header: {type(e).__name__}: {e})") from e
-  raise ImageError(f"{label}: not an image in a supported format ({', '.join(FORMATS)})")
+      raise ImageError(f"{label}: not a readable image (damaged {fmt} header: {type(e).__name__}: {e})") from e
+  raise ImageError(f"{label}: not a readable image (not one of {', '.join(FORMATS)})")
 
 
 def _truthy(result) -> bool:

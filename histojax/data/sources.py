@@ -7,8 +7,9 @@ Grain pipeline, so no TensorFlow is needed anywhere.
 from __future__ import annotations
 
 import collections
+import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -21,30 +22,60 @@ def builder(name: str, data_dir: str = "", **builder_kwargs) -> tfds.core.Datase
   return tfds.builder(name, data_dir=data_dir or None, file_format="array_record", **builder_kwargs)
 
 
+BEAM_RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
+
+
 def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: bool = False,
-            workers: int | None = None, max_pixels: int | None = None) -> dict[str, Any]:
+            workers: int | None = None, max_pixels: int | None = None, beam_runner: str | None = None,
+            beam_options: Sequence[str] = ()) -> dict[str, Any]:
   """Builds the dataset if needed and returns a summary of what is on disk.
 
   TFDS writes into an `incomplete.*` folder and renames it only once every
   split is written, so an interrupted build never reads as prepared.
   `skip_corrupt`, `workers` (processes) and `max_pixels` (per image; default
   `tfds_builders.common.MAX_PIXELS`) apply to the archive-reading builders
-  (`tfds_builders.common.TiledBuilder`).
+  (`tfds_builders.common.TiledBuilder`), and so does `beam_runner`: it
+  prepares the images as an Apache Beam pipeline on that runner, with
+  `beam_options` its pipeline flags (e.g. `--project=...`, `--region=...`).
   """
   kwargs = {}
-  if skip_corrupt or workers is not None or max_pixels is not None:
+  if skip_corrupt or workers is not None or max_pixels is not None or beam_runner or beam_options:
     cls = tfds.builder_cls(name.split("/")[0])
     if not issubclass(cls, TiledBuilder):
-      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt, workers and max_pixels "
-                       "do not apply")
+      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt, workers, max_pixels and "
+                       "the Beam route do not apply")
     kwargs = {"skip_corrupt": skip_corrupt, "workers": workers}
     if max_pixels is not None:
       kwargs["max_pixels"] = max_pixels
   b = builder(name, data_dir, **kwargs)
   start = time.perf_counter()
   if not b.is_prepared():
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir or None, beam_options=beam_pipeline_options(beam_runner, beam_options, workers)))
   return summary(b, seconds=time.perf_counter() - start)
+
+
+def beam_pipeline_options(runner: str | None, flags: Sequence[str] = (), workers: int | None = None):
+  """PipelineOptions for `runner` (None: no Beam), or None.
+
+  The DirectRunner runs in `workers` processes (default: one per core) unless
+  `flags` set its running mode: in-process it would use one core.
+  """
+  if not runner:
+    if flags:
+      raise ValueError(f"Beam options {list(flags)} given without a Beam runner")
+    return None
+  if runner not in BEAM_RUNNERS:
+    raise ValueError(f"unknown Beam runner {runner!r}; one of {BEAM_RUNNERS}")
+  try:
+    from apache_beam.options.pipeline_options import PipelineOptions
+  except ImportError as e:
+    raise ImportError("the Beam route needs apache-beam: pip install -r requirements-beam.txt") from e
+  flags = [f"--runner={runner}", *flags]
+  if runner == "DirectRunner" and not any(f.startswith("--direct_running_mode") for f in flags):
+    n = (os.cpu_count() or 1) if workers is None else max(workers, 1)
+    flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={n}"]
+  return PipelineOptions(flags)
 
 
 def summary(b: tfds.core.DatasetBuilder, seconds: float = 0.0) -> dict[str, Any]:
@@ -94,7 +125,18 @@ def read_pairs(name: str, data_dir: str = "") -> dict[str, list]:
   pairs = (b.info.metadata or {}).get("pairs") if b.is_prepared() else None
   if pairs is None:
     raise KeyError(f"dataset {name!r} under {b.data_dir_root} holds no query pairs (is it prepared?)")
+  _check_pairs(pairs, f"{b.data_dir}/dataset_info.json metadata")
   return pairs
+
+
+def _check_pairs(pairs, where: str) -> None:
+  """The recorded pairs are what the builder wrote: [[a, b], ...] and [[a, b, 0|1], ...]."""
+  def ok(rows, with_answer):
+    return isinstance(rows, list) and all(
+        isinstance(r, list) and len(r) == 2 + with_answer and all(isinstance(x, str) for x in r[:2])
+        and (not with_answer or r[2] in (0, 1)) for r in rows)
+  if not isinstance(pairs, dict) or not ok(pairs.get("query"), False) or not ok(pairs.get("validation", []), True):
+    raise ValueError(f"{where}: the recorded query pairs are damaged; prepare the dataset again")
 
 
 def class_names(name: str, data_dir: str = "") -> list[str]:

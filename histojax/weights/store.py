@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from histojax import untrusted
 from histojax.weights.transfer import IMPORTED_SCOPE, WeightMismatchError, key_of
 
 KIND = "histojax.weights"
@@ -46,8 +47,8 @@ def read_manifest(directory: epath.PathLike) -> dict:
   if not path.exists():
     raise FileNotFoundError(f"init_from={str(directory)!r} holds no manifest.json: it must be a folder "
                             f"written by `python -m histojax.convert`")
-  manifest = json.loads(path.read_text())
-  if manifest.get("kind") != KIND:
+  manifest = untrusted.read_json(path, "weights manifest")
+  if manifest.get("kind") != KIND or not isinstance(manifest.get("variables"), dict):
     raise ValueError(f"{path} is not a histojax weights manifest (kind {manifest.get('kind')!r})")
   return manifest
 

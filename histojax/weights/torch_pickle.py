@@ -160,6 +160,12 @@ def _numpy_scalar(dtype, data=None):
   return np.frombuffer(data, dtype)[0]
 
 
+def _latin1_bytes(text, encoding="latin1"):
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}: only latin1 text spells bytes")
+  return codecs.encode(text, "latin1")
+
+
 def _refuse(what):
   def fail(*args):
     raise CheckpointReadError(f"{what} tensors are not supported by the torch-free reader")
@@ -179,7 +185,7 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles spell bytes
+    ("_codecs", "encode"): _latin1_bytes,  # how protocol-2 pickles spell bytes
 }
 
 
@@ -329,7 +335,7 @@ def _load_legacy(path: str, max_bytes: int) -> Any:
     def storage(dtype, numel, key):
       return storages.setdefault(key, Storage(dtype, numel, key))
 
-    obj = _Unpickler(f, storage).load()
+    obj = _Unpickler(_Clamped(f, file_size), storage).load()
     _check_total(path, storages, max_bytes)
     keys = _plain(_PlainUnpickler(f).load(), "storage keys", path)
     if not isinstance(keys, (list, tuple)):
@@ -347,6 +353,27 @@ def _load_legacy(path: str, max_bytes: int) -> Any:
   return _resolve(obj, [max_bytes])
 
 
+class _Clamped:
+  """The file as the unpickler sees it: no read asks for more than the file still holds
+  (a pickle declaring a 32 TB bytes object reads as truncated, allocating nothing)."""
+
+  def __init__(self, f, size: int):
+    self._f, self._size = f, size
+
+  def _left(self, n) -> int:
+    left = max(0, self._size - self._f.tell())
+    return left if n is None or n < 0 else min(n, left)
+
+  def read(self, n=-1) -> bytes:
+    return self._f.read(self._left(n))
+
+  def readline(self, n=-1) -> bytes:
+    return self._f.readline(self._left(n))
+
+  def readinto(self, buffer) -> int:
+    return self._f.readinto(memoryview(buffer)[: self._left(len(buffer))])
+
+
 def _read_exact(f, n: int, path: str, key) -> bytes:
   raw = f.read(n)
   if len(raw) != n:
@@ -357,7 +384,7 @@ def _read_exact(f, n: int, path: str, key) -> bytes:
 # What a damaged or hostile pickle can make the unpickler or numpy raise.
 _READ_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, struct.error, zipfile.BadZipFile, ValueError,
                 TypeError, IndexError, AttributeError, OverflowError, UnicodeDecodeError, RecursionError,
-                NotImplementedError, zipfile.LargeZipFile, OSError)
+                NotImplementedError, zipfile.LargeZipFile, OSError, MemoryError)
 
 
 def load(path: str, *, max_bytes: int | None = None) -> Any:

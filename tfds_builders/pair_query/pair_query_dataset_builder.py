@@ -92,9 +92,27 @@ class Builder(common.TiledBuilder):
     raise self.layout_error(f"{path} line {line_no}: {key!r} is not '<id>_<id>' of two train/ patches")
 
 
+# A pair list names two images a line: far below a million lines, each far below 4 KiB.
+MAX_CSV_BYTES = 256 << 20
+
+
 def _rows(path: epath.Path):
-  with path.open() as f:
-    for line_no, row in enumerate(csv.reader(f), 1):
-      row = [cell.strip() for cell in row]
-      if any(row):
-        yield line_no, row
+  """(line number, stripped cells) of the non-empty rows; a damaged file raises CsvError naming it."""
+  size = path.stat().length
+  if size > MAX_CSV_BYTES:
+    raise CsvError(f"{path}: {size:,} bytes is too large for a pair list (at most {MAX_CSV_BYTES:,})")
+  line_no = 0
+  try:
+    with path.open("r", encoding="utf-8") as f:
+      for line_no, row in enumerate(csv.reader(f), 1):
+        row = [cell.strip() for cell in row]
+        if any("\x00" in cell for cell in row):  # csv accepts NUL since Python 3.11; a text list has none
+          raise csv.Error("NUL byte in the row")
+        if any(row):
+          yield line_no, row
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise CsvError(f"{path} line {line_no + 1}: not a text CSV of image names (damaged?): {e}") from None
+
+
+class CsvError(common.BuildError, ValueError):
+  """A pair CSV that is not text, holds NUL bytes or oversized fields; the message names it."""
