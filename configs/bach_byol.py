@@ -14,7 +14,8 @@ For the pair-query task (unlabelled patches + query pairs) use
 quickstart (synthetic, ~2 min), tiny (tests).
 """
 
-from histojax.config import bach_on_cpu, base_config, parse_variants, shrink_to_synthetic, use_bach
+from configs.common import bach_on_cpu, synthetic_sizes, use_bach
+from histojax.config import base_config, parse_variants
 from histojax.data import colour
 
 
@@ -40,13 +41,11 @@ def get_config(arg=None):
     c.model.head.projector_hidden, c.model.head.predictor_hidden = 512, 512
     c.model.head.projector_dim = 128
     c.optimizer.lr, c.optimizer.warmup_steps = 0.2 * 32 / 256, 50
-  for size in ("quickstart", "tiny"):
-    if size in v:
-      shrink_to_synthetic(c, size)
-      c.input.sampler = "shuffle"
-      c.model.embed_dim = 0
-      hidden = 64 if size == "tiny" else 512
-      c.model.head.projector_hidden = c.model.head.predictor_hidden = hidden
-      c.model.head.projector_dim = 16 if size == "tiny" else 128
-      c.optimizer.lr = 0.2 * c.input.batch_size / 256
+  for size in synthetic_sizes(c, v, lr=None):
+    c.input.sampler = "shuffle"
+    c.model.embed_dim = 0
+    hidden = 64 if size == "tiny" else 512
+    c.model.head.projector_hidden = c.model.head.predictor_hidden = hidden
+    c.model.head.projector_dim = 16 if size == "tiny" else 128
+    c.optimizer.lr = 0.2 * c.input.batch_size / 256
   return c

@@ -18,8 +18,8 @@ Variants (comma-separated, e.g. `configs/bach_dml.py:cpu,loss=abe`):
   tiny        seconds; used by tests
 """
 
-from histojax.config import bach_on_cpu, base_config, parse_variants, shrink_to_synthetic, use_bach
-from histojax.data import colour
+from configs.common import supervised_bach, supervised_bach_on_cpu, synthetic_sizes
+from histojax.config import base_config, parse_variants
 
 LOSSES = ("multi_similarity", "contrastive", "triplet", "abe")
 BACKBONES = ("mixed_attention", "se_resnet", "resnet")
@@ -30,28 +30,12 @@ def get_config(arg=None):
   loss = v.get("loss", "multi_similarity")
   c = base_config(model="abe" if loss == "abe" else v.get("backbone", "mixed_attention"), objective=loss)
 
-  use_bach(c)
-  c.total_steps = 6000
-  c.input.batch_size, c.input.m_per_class = 256, 64  # BACH has 4 classes: 4 x 64
+  supervised_bach(c)
   c.model.embed_dim = 512
-  # Light colour and stain jitter: slides differ in staining, not in hue identity.
-  c.augment.view1 = colour.view_defaults(jitter_prob=0.8, brightness=0.2, contrast=0.2, saturation=0.1,
-                                         hue=0.02, hed_prob=0.5)
-  c.optimizer.name, c.optimizer.lr, c.optimizer.warmup_steps = "adamw", 1e-4, 300
-  c.checkpoint.every_steps = 1000
 
   if "cpu" in v:
-    bach_on_cpu(c)
-    c.total_steps = 1500
-    c.input.batch_size, c.input.m_per_class = 32, 8
-    c.input.crop, c.input.crop_scale_min = "random_resized", 0.25
-    c.input.image_size = 112
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 100
-  for size in ("quickstart", "tiny"):
-    if size in v:
-      shrink_to_synthetic(c, size)
-      c.optimizer.lr = 2e-3
-      c.model.embed_dim = 32 if size == "tiny" else 128
+    supervised_bach_on_cpu(c)
+  synthetic_sizes(c, v, embed_dim={"quickstart": 128, "tiny": 32})
   if loss == "abe":
     c.model.num_learners = 2 if "tiny" in v else 4
   return c

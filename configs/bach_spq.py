@@ -10,7 +10,8 @@ gallery is exported as codes and searched by asymmetric distance (ADC).
 Variants: cpu (~12 min on 2 cores, from the step rate), quickstart (synthetic, ~2 min), tiny (tests).
 """
 
-from histojax.config import bach_on_cpu, base_config, parse_variants, shrink_to_synthetic, use_bach
+from configs.common import bach_on_cpu, synthetic_sizes, use_bach
+from histojax.config import base_config, parse_variants
 from histojax.data import colour
 
 
@@ -34,11 +35,7 @@ def get_config(arg=None):
     c.input.batch_size, c.input.image_size = 32, 96
     c.objective.codebook_size = 64
     c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 50
-  for size in ("quickstart", "tiny"):
-    if size in v:
-      shrink_to_synthetic(c, size)
-      c.input.sampler = "shuffle"
-      c.model.embed_dim = 32 if size == "tiny" else 64
-      c.objective.codebook_size = 16 if size == "tiny" else 64
-      c.optimizer.lr = 2e-3
+  for size in synthetic_sizes(c, v, embed_dim={"quickstart": 64, "tiny": 32}):
+    c.input.sampler = "shuffle"
+    c.objective.codebook_size = 16 if size == "tiny" else 64
   return c

@@ -13,7 +13,8 @@ reference result on the original task is 87.58%.
 Variants: cpu (~12 min on 2 cores, from the step rate), tiny (tests).
 """
 
-from histojax.config import base_config, parse_variants, shrink_to_synthetic
+from configs.common import shrink_to_synthetic
+from histojax.config import base_config, parse_variants
 from histojax.data import colour
 
 

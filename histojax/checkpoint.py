@@ -18,6 +18,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from histojax import mesh as mesh_lib
+from histojax import step as step_lib
+
 
 def manager(workdir: epath.PathLike, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
@@ -64,3 +67,21 @@ def restore(mngr: ocp.CheckpointManager, step: int, like_state: Any) -> tuple[An
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
+
+
+def restore_for_eval(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: int | None = None):
+  """(trainer, state, step) of checkpoint `step` (default the latest) in `workdir`.
+
+  Restored straight into the abstract state (`step.abstract_trainer`): no
+  model is initialised and no optimizer built only to be overwritten.
+  """
+  mesh = mesh_lib.make_mesh(config.mesh)
+  trainer, abstract = step_lib.abstract_trainer(config, mesh)
+  mngr = manager(workdir, config.checkpoint)
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"no checkpoint {'' if step is None else f'at step {step} '}in "
+                            f"{epath.Path(workdir) / 'checkpoints'} (have {list(mngr.all_steps())})")
+  state, _ = restore(mngr, step, abstract)
+  mngr.close()
+  return trainer, state, step

@@ -144,51 +144,6 @@ def parse_variants(arg: str | None, known: dict[str, tuple]) -> dict[str, str | 
   return chosen
 
 
-def shrink_to_synthetic(c: ml_collections.ConfigDict, size: str) -> None:
-  """Points a config at the synthetic smoke data and shrinks it to CPU scale.
-
-  "quickstart": synthetic_tissue, 56 px crops, quarter-width ResNet-18-sized
-  trunks, 400 steps (about a minute on 2 cores). "tiny": the 4-step test size.
-  Method-specific fields (heads, codebooks) are the config file's business.
-  """
-  tiny = size == "tiny"
-  c.dataset.name = "synthetic_tissue/tiny" if tiny else "synthetic_tissue"
-  c.dataset.train_split, c.dataset.gallery_split, c.dataset.query_split = "train", "train", "test"
-  c.init_from = ""
-  c.total_steps, c.log_every = (4, 2) if tiny else (400, 20)
-  c.input.batch_size, c.input.m_per_class = (24, 4) if tiny else (48, 8)  # 6 classes x m
-  c.input.image_size = 48 if tiny else 56
-  c.input.eval_batch_size = 32 if tiny else 128
-  c.input.num_workers = 0
-  if "depth" in c.model:
-    c.model.depth, c.model.width = 18, 0.125 if tiny else 0.25
-  c.model.dtype = "float32"
-  c.optimizer.warmup_steps = 1 if tiny else 40
-  c.checkpoint.every_steps = 2 if tiny else 100
-  c.checkpoint.max_to_keep = 2
-  c.mesh.data = -1
-
-
-def use_bach(c: ml_collections.ConfigDict) -> None:
-  """Points a method config at BACH at accelerator scale: `bach/default` (224 px
-  tiles at 20x, split per photo), gallery train, queries test, bf16 compute."""
-  c.dataset.name = "bach/default"
-  c.dataset.gallery_split, c.dataset.query_split = "train", "test"
-  c.input.image_size, c.input.eval_batch_size = 224, 512
-  c.model.dtype = "bfloat16"
-  c.eval.ks = (1, 5, 10, 20)
-
-
-def bach_on_cpu(c: ml_collections.ConfigDict) -> None:
-  """The CPU scale of a BACH config: `bach/x10_256` (256 px tiles at 10x, 1561
-  train tiles) and a half-width ResNet-18-sized trunk in fp32. The method config
-  then sets crop size, batch and steps so the run fits well inside 30 min on 2 cores."""
-  c.dataset.name = "bach/x10_256"
-  c.log_every, c.input.eval_batch_size = 25, 64
-  c.model.depth, c.model.width, c.model.dtype = 18, 0.5, "float32"
-  c.checkpoint.every_steps = 250
-
-
 CLASS_COUNT_FIELDS = ("num_classes", "probe_classes")  # in model.head; -1 means "the dataset's"
 
 

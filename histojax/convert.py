@@ -104,6 +104,7 @@ def summary(manifest: dict, output: str) -> str:
 
 
 def main(argv):
+  """The command line; the work is `convert(...)`."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
@@ -117,7 +118,7 @@ def main(argv):
   print(summary(manifest, FLAGS.output))
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
   flags.DEFINE_enum("format", None, sorted(weights.FORMATS), "Published layout of --input.", required=True)
   flags.DEFINE_string("input", None, "Checkpoint file: .safetensors, .npz, .pt/.pth/.bin.", required=True)
   flags.DEFINE_string("output", None, "New folder for the converted weights.", required=True)
@@ -129,4 +130,8 @@ if __name__ == "__main__":
   flags.DEFINE_float("max_checkpoint_gb", 0.0, "Refuse checkpoints whose tensors declare more than this many "
                      "GiB, before reading them; default 16 bytes per parameter of --model or of the "
                      "format's largest published backbone.")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

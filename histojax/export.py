@@ -12,9 +12,9 @@ row is there is the export assembled and renamed into place: a reader never
 sees a half-written export, and an export already there is reused when its
 manifest matches (same dataset, split, step, model and weights).
 
-The PQ hook: a model that exposes `codebooks` (an nnx.Param or array
-[M, K, d/M], as SPQ's quantiser does) and optionally `pq_metric` gets its
-gallery encoded with `pq.encode` (hard nearest codeword per sub-vector).
+The PQ hook: an objective whose `codebooks(model)` gives codebooks
+[M, K, d/M] and a metric (SPQ) gets its gallery encoded with `pq.encode`
+(hard nearest codeword per sub-vector).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from histojax import fileio
 from histojax import mesh as mesh_lib
 from histojax import pq, untrusted
 from histojax import step as step_lib
@@ -55,45 +56,78 @@ class Export:
 
 # --- What identifies an export -------------------------------------------------
 
+def host_value(leaf) -> np.ndarray:
+  """The whole value of a (possibly sharded, possibly multi-process) array, on this host.
+
+  A leaf split over `fsdp` across processes is gathered from all of them
+  (a collective: every process calls this for the same leaves in the same
+  order); a leaf this process holds whole is read locally.
+  """
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+  return np.asarray(jax.device_get(leaf))
+
+
 def fingerprint(trainer: step_lib.Trainer, state: nnx.State) -> str:
   """sha256 (16 hex) of the model's parameters and batch statistics, path by path.
 
   Two checkpoints with the same step but different weights (a rerun) differ
-  here, so neither an export nor an index is reused across them.
+  here, so neither an export nor an index is reused across them. The whole
+  value of each array is hashed, not this process's shard of it, so every
+  process (and any layout: replicated or split over fsdp) gets the same hash.
   """
   model, _ = nnx.merge(trainer.graphdef, state)
   digest = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
-    array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    array = host_value(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
+  if jax.process_count() > 1:  # a reuse decision taken on some processes only would deadlock them
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.assert_equal(np.frombuffer(digest.digest(), np.uint8),
+                                 "weights fingerprint differs between processes")
   return digest.hexdigest()[:16]
 
 
-def dataset_tiling(name: str, data_dir: str = "") -> dict | None:
-  """How the dataset's builder cut its patches, for the search CLI to cut queries alike.
+def dataset_tiling(name: str, data_dir: str = "", split: str = "train") -> dict | None:
+  """Exactly how the dataset's builder cut `split`'s source images (`tiling.record`),
+  for the query path to cut query images alike.
 
-  Looked up in order: the builder config's `tiling` (a `tiling.TilingConfig`),
-  `info.metadata['tiling']`, a builder config `tile_size` (non-overlapping,
-  every tile kept, as synthetic_tissue does), the image feature's fixed size.
-  None when the builder says nothing (the search CLI then tiles at the model
-  input size).
+  Archive builders (`tfds_builders.common.TiledBuilder`, which may cut splits
+  differently, as kimia_path24's scans) say it through `image_spec(split)`:
+  patch, stride, resize, tissue threshold, minimum tissue fraction, or whole
+  images with their resize, and a stain spec where the builder has one.
+  synthetic_tissue cuts non-overlapping `tile_size` tiles and keeps them all.
+  None when a builder says neither.
   """
-  builder = sources.builder(name, data_dir)
+  return builder_tiling(sources.builder(name, data_dir), split)
+
+
+def builder_tiling(builder, split: str = "train") -> dict | None:
+  """`dataset_tiling` of a builder object (any config, registered by name or not)."""
   cfg = builder.builder_config
-  found = getattr(cfg, "tiling", None)
-  if isinstance(found, tiling.TilingConfig):
-    return dataclasses.asdict(found)
-  metadata = builder.info.metadata
-  if metadata is not None and "tiling" in metadata:
-    return dataclasses.asdict(tiling.TilingConfig(**dict(metadata["tiling"])))
+  if hasattr(builder, "image_spec"):
+    spec = builder.image_spec(split)
+    return tiling.record(spec.tiles, spec.resize, spec.image_size, _stain_spec(spec, cfg))
   size = getattr(cfg, "tile_size", None)
   if size is None:
-    shape = getattr(builder.info.features["image"], "shape", (None,))
-    size = shape[0] if shape and shape[0] and shape[0] == shape[1] else None
-  if size is None:
     return None
-  return dataclasses.asdict(tiling.TilingConfig(patch_size=int(size), stride=int(size), min_tissue_fraction=0.0))
+  return tiling.record(tiling.TilingConfig(patch_size=int(size), stride=int(size), min_tissue_fraction=0.0))
+
+
+def _stain_spec(spec, cfg) -> dict | None:
+  """The builder's stain normalisation as a JSON dict (null without one): the image
+  spec's own when it has one, else the config's `stain` method name."""
+  found = getattr(spec, "stain", None)
+  if found is None:
+    found = getattr(cfg, "stain", None)
+  if found is None or isinstance(found, dict):
+    return found
+  if isinstance(found, str):  # a method name: its full spec, the numbers the builder used
+    from histojax.data import stain  # noqa: PLC0415
+    return stain.spec(found)
+  return dataclasses.asdict(found)
 
 
 def identity(config, split: str, step: int, fingerprint_: str) -> dict:
@@ -187,18 +221,6 @@ def _recorded(marker: epath.Path) -> dict | None:
     return None
 
 
-def _save_npy(path: epath.Path, array: np.ndarray) -> None:
-  """Writes next to `path` then renames, so a chunk is either whole or absent."""
-  partial = path.parent / f".{path.name}.partial"
-  with partial.open("wb") as f:
-    np.save(f, array)
-  partial.replace(path)
-
-
-def _load_npy(path: epath.Path) -> np.ndarray:
-  return untrusted.load_npy(path)  # sizes checked, pickles refused, errors name the file
-
-
 def embed_resumable(trainer, state, source, input_cfg, staging: epath.Path, manifest: dict,
                     chunk_examples: int = CHUNK_EXAMPLES) -> np.ndarray:
   """`embed_source` chunk by chunk, saving each chunk to `staging` and skipping saved ones."""
@@ -208,12 +230,12 @@ def embed_resumable(trainer, state, source, input_cfg, staging: epath.Path, mani
   for (start, stop), finished in zip(ranges, done):
     path = _chunk_path(staging, start, stop)
     if finished:
-      parts.append(_load_npy(path))
+      parts.append(fileio.load_npy(path))
       continue
     part = embed_source(trainer, state, _Rows(source, start, stop), input_cfg.image_size,
                         input_cfg.eval_batch_size, input_cfg.num_workers)
     if jax.process_index() == 0:
-      _save_npy(path, part)
+      fileio.save_npy(path, part)
     parts.append(part)
   if not parts:
     raise RuntimeError("export of an empty split: nothing to embed")
@@ -223,13 +245,10 @@ def embed_resumable(trainer, state, source, input_cfg, staging: epath.Path, mani
 # --- PQ hook ----------------------------------------------------------------------
 
 def model_codebooks(trainer: step_lib.Trainer, state: nnx.State) -> tuple[np.ndarray | None, str]:
-  """(codebooks [M, K, d/M] or None, PQ metric) of a model that quantises (SPQ)."""
+  """(codebooks [M, K, d/M] or None, PQ metric): what the objective says (`Objective.codebooks`)."""
   model, _ = nnx.merge(trainer.graphdef, state)
-  books = getattr(model, "codebooks", None)
-  if books is None:
-    return None, "dot_product"
-  value = books[...] if isinstance(books, nnx.Variable) else books
-  return np.asarray(jax.device_get(value), np.float32), getattr(model, "pq_metric", "dot_product")
+  found = trainer.objective.codebooks(model)
+  return (None, "dot_product") if found is None else (pq.check_codebooks(host_value(found[0])), found[1])
 
 
 # --- The export ---------------------------------------------------------------------
@@ -245,13 +264,13 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
     return existing
   source = sources.open_split(config.dataset.name, split, config.dataset.data_dir)
   meta = sources.read_metadata(source)
-  staging = directory.parent / f".{directory.name}.partial"
+  staging = fileio.staging_path(directory)
   embeddings = embed_resumable(trainer, state, source, config.input, staging, wanted, chunk_examples)
   codebooks, metric = model_codebooks(trainer, state)
   codes = None if codebooks is None else pq.encode(embeddings, codebooks, metric)
   manifest = {**wanted, "count": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]), "normalized": True,
               "normalization": NORMALIZATION, "class_names": sources.class_names(config.dataset.name, config.dataset.data_dir),
-              "tiling": dataset_tiling(config.dataset.name, config.dataset.data_dir),
+              "tiling": dataset_tiling(config.dataset.name, config.dataset.data_dir, split),
               "pq": None if codebooks is None else {"num_books": int(codebooks.shape[0]),
                                                     "num_codewords": int(codebooks.shape[1]), "metric": metric,
                                                     "bits_per_row": pq.bits_per_row(codebooks)}}
@@ -263,15 +282,13 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
 
 def _write(directory: epath.Path, staging: epath.Path, export: Export) -> None:
   """Completes the staging folder and swaps it in; the old export is removed last."""
-  with (staging / "embeddings.npy").open("wb") as f:
-    np.save(f, export.embeddings)
-  with (staging / "metadata.npz").open("wb") as f:
-    np.savez(f, **export.rows())
+  fileio.save_npy(staging / "embeddings.npy", export.embeddings)
+  fileio.save_npz(staging / "metadata.npz", **export.rows())
   if export.codes is not None:
-    _save_npy(staging / "codes.npy", export.codes)
-    _save_npy(staging / "codebooks.npy", export.codebooks)
+    fileio.save_npy(staging / "codes.npy", export.codes)
+    fileio.save_npy(staging / "codebooks.npy", export.codebooks)
   (staging / "chunks").rmtree()
-  (staging / "manifest.json").write_text(json.dumps(export.manifest, indent=2, sort_keys=True))
+  fileio.write_json(staging / "manifest.json", export.manifest)
   old = directory.parent / f".{directory.name}.old"
   if old.exists():
     old.rmtree()
@@ -287,15 +304,15 @@ def load(directory: epath.PathLike) -> Export:
   if not (directory / "manifest.json").exists():
     raise FileNotFoundError(f"{directory} holds no export (no manifest.json)")
   manifest = untrusted.read_json(directory / "manifest.json", "export manifest")
-  embeddings = _load_npy(directory / "embeddings.npy")
-  meta = untrusted.load_npz(directory / "metadata.npz")
+  embeddings = fileio.load_npy(directory / "embeddings.npy")
+  meta = fileio.load_npz(directory / "metadata.npz")
   missing = sorted({"label", "source_id", "coords"} - set(meta))
   if missing or embeddings.ndim != 2:
     raise untrusted.CorruptFileError(f"{directory}: damaged export (metadata.npz lacks {missing}, embeddings "
                                      f"shape {embeddings.shape}); delete the folder to export again")
   codes = codebooks = None
   if (directory / "codes.npy").exists():
-    codes, codebooks = _load_npy(directory / "codes.npy"), _load_npy(directory / "codebooks.npy")
+    codes, codebooks = fileio.load_npy(directory / "codes.npy"), fileio.load_npy(directory / "codebooks.npy")
   if len(embeddings) != manifest.get("count", len(embeddings)) or len(meta["label"]) != len(embeddings):
     raise ValueError(f"{directory}: {len(embeddings)} embeddings, {len(meta['label'])} labels, "
                      f"manifest count {manifest.get('count')}; delete the folder to export again")

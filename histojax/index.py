@@ -313,7 +313,7 @@ def save(index: Index, directory: epath.PathLike, manifest: dict, rows: dict[str
     if rows is not None:
       np.savez(tmp / "rows.npz", **rows)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    staging = directory.parent / f".{directory.name}.partial"
+    staging = fileio.staging_path(directory)
     if staging.exists():
       staging.rmtree()
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -348,18 +348,14 @@ def load(directory: epath.PathLike) -> tuple[Index, dict]:
   mode = manifest["mode"]
   gallery = codes = codebooks = searcher = None
   if mode == "adc":
-    codes, codebooks = _load_npy(directory / "codes.npy"), _load_npy(directory / "codebooks.npy")
+    codes, codebooks = fileio.load_npy(directory / "codes.npy"), fileio.load_npy(directory / "codebooks.npy")
   elif mode == "exact":
-    gallery = _load_npy(directory / "gallery.npy")
+    gallery = fileio.load_npy(directory / "gallery.npy")
   else:
     searcher = _load_searcher(directory / "scann")
   _check_shapes(directory, manifest, gallery, codes)
   return Index(mode, gallery, searcher, codes, codebooks, dict(manifest.get("params", {})),
                manifest["count"], manifest["dim"]), manifest
-
-
-def _load_npy(path: epath.Path) -> np.ndarray:
-  return untrusted.load_npy(path)  # through epath: gs:// too; sizes checked, pickles refused
 
 
 # What `save` writes in scann/; anything else (scann_docids.pkl, which ScaNN would unpickle) is refused.
@@ -374,9 +370,9 @@ def _load_searcher(folder: epath.Path):
   if strange:
     raise untrusted.CorruptFileError(f"{folder} holds files no histojax index has ({', '.join(strange)}); "
                                      "refused without loading (a .pkl there would be unpickled by ScaNN)")
-  for npy in folder.glob("*.npy"):
-    untrusted.check_npy(npy)  # sizes checked and object arrays refused before ScaNN reads them
   with fileio.local_copy(folder) as local:  # ScaNN reads local folders only
+    for npy in local.glob("*.npy"):  # the very bytes ScaNN will read, checked first:
+      untrusted.check_npy(npy)  # sizes against the file, object arrays refused
     try:
       return scann.scann_ops_pybind.load_searcher(str(local), assets_backcompat_shim=False)
     except (RuntimeError, IndexError, ValueError, UnicodeDecodeError, OSError) as e:
@@ -396,7 +392,7 @@ def load_rows(directory: epath.PathLike) -> dict[str, np.ndarray]:
   path = epath.Path(directory) / "rows.npz"
   if not path.exists():
     raise FileNotFoundError(f"index {directory} has no rows.npz (labels and ids of its gallery rows)")
-  return untrusted.load_npz(path)
+  return fileio.load_npz(path)
 
 
 def load_if_matching(directory: epath.PathLike, expected: dict) -> tuple[Index, dict] | None:

@@ -219,6 +219,49 @@ def centroid_vote(query_emb: np.ndarray, query_groups: np.ndarray, gallery_emb: 
   return q_ids, majority_vote(ranked, min(k, ranked.shape[1]))
 
 
+def rank_sources(neighbors: np.ndarray, scores: np.ndarray, gallery_source: np.ndarray, top: int):
+  """Gallery source images (photos, slides) ranked for one query image by pooled similarity.
+
+  `neighbors`/`scores` [T, k] are the top-k gallery rows of the query's T tiles
+  (-1 past the gallery's end). A source's score is the mean over the T tiles of
+  the best score any of its patches reached in that tile's top k, a tile whose
+  top k holds none of its patches adding 0:
+
+      score(s) = (1/T) * sum_t max{score[t, r] : source(neighbors[t, r]) == s}
+
+  Why this pooling: "which cases look like this one" asks for a source that
+  resembles the whole query, so a source matching every region beats one
+  matching a single region very well (the mean over tiles); and only each
+  tile's best hit counts, so a large slide with many near-identical patches
+  does not outrank a small photo by patch count alone (max, not sum).
+  Ties: more tiles matched first, then the source id.
+
+  Returns (source ids [m], scores [m] float64, tiles matched [m], a gallery row
+  of each source [m] (its best hit, to read its label)), best first, m <= top.
+  """
+  neighbors = np.asarray(neighbors)
+  scores = np.asarray(scores, np.float64)
+  found = neighbors >= 0
+  if neighbors.shape[0] == 0 or not found.any():
+    return np.zeros(0, np.asarray(gallery_source).dtype), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
+  tile, rank = np.nonzero(found)
+  rows = neighbors[tile, rank]
+  ids, source = np.unique(np.asarray(gallery_source)[rows], return_inverse=True)
+  best = np.full((len(ids), neighbors.shape[0]), -np.inf)
+  np.maximum.at(best, (source, tile), scores[tile, rank])
+  matched = np.isfinite(best)
+  pooled = np.where(matched, best, 0.0).sum(1) / neighbors.shape[0]
+  hits = matched.sum(1)
+  order = np.lexsort((ids, -hits, -pooled))[:top]
+  # The row of each source's best hit, for its label.
+  hit_score = scores[tile, rank]
+  best_row = np.zeros(len(ids), np.int64)
+  for i in order:
+    mine = source == i
+    best_row[i] = rows[mine][np.argmax(hit_score[mine])]
+  return ids[order], pooled[order], hits[order].astype(np.int64), best_row[order]
+
+
 def group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(group ids sorted, each group's most frequent label; ties to the lowest id).
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from histojax import metrics
 
+MAX_PAIR_ANCHORS = 20_000  # pairs per side for the c-index: plenty for 3 decimals, bounded memory
+
 
 def similarities(embeddings: np.ndarray, ids: np.ndarray, pairs) -> np.ndarray:
   """Cosine similarity of each (id_a, id_b) pair, looked up by source id."""
@@ -65,3 +67,49 @@ def answer(validation_emb, validation_ids, query_emb, query_ids, pairs: dict, se
       "pair_task_query_same_fraction": float(np.mean([d[2] for d in decisions])) if decisions else None,
   }
   return results, decisions
+
+
+# --- Balanced pairs from labelled exports (any split, any dataset) ----------------------
+
+def sample_pairs(anchor, other, rng: np.random.Generator, same_split: bool,
+                 max_anchors: int = MAX_PAIR_ANCHORS):
+  """For each anchor row (at most `max_anchors`, drawn at random), one same-class and one
+  other-class partner drawn from `other`, never from the anchor's own source image (nor
+  the row itself): balanced pairs. Returns (similarity, same); an anchor whose class
+  offers no partner is left out."""
+  chosen = np.arange(len(anchor.label))
+  if len(chosen) > max_anchors:
+    chosen = np.sort(rng.choice(len(chosen), max_anchors, replace=False))
+  sims, same = [], []
+  for want_same in (True, False):
+    partner = np.full(len(anchor.label), -1)
+    for c in np.unique(anchor.label[chosen]):
+      anchors = chosen[anchor.label[chosen] == c]
+      pool = np.flatnonzero((other.label == c) == want_same)
+      for _ in range(16 if len(pool) else 0):  # rejection rounds against own-source draws
+        todo = anchors[partner[anchors] < 0]
+        if not len(todo):
+          break
+        draw = pool[rng.integers(0, len(pool), len(todo))]
+        ok = other.source_id[draw] != anchor.source_id[todo]
+        if same_split:
+          ok &= draw != todo
+        partner[todo[ok]] = draw[ok]
+    rows = np.flatnonzero(partner >= 0)
+    sims.append(np.sum(anchor.embeddings[rows] * other.embeddings[partner[rows]], 1))
+    same.append(np.full(len(rows), want_same))
+  return np.concatenate(sims), np.concatenate(same)
+
+
+def pair_metrics(gallery, query, seed: int = 0) -> dict:
+  """c-index on balanced same/different pairs: the threshold is chosen on gallery-gallery
+  pairs (labelled validation pairs), then applied to query-gallery pairs."""
+  rng = np.random.default_rng(seed)
+  val_sim, val_same = sample_pairs(gallery, gallery, rng, same_split=True)
+  sim, same = sample_pairs(query, gallery, rng, same_split=query is gallery)
+  if not len(val_sim) or not len(sim) or same.all() or not same.any():
+    return {}
+  threshold = metrics.choose_pair_threshold(val_sim, val_same)
+  return {"pair_threshold": threshold if np.isfinite(threshold) else None,  # JSON has no infinity
+          "pair_c_index": metrics.pair_c_index(sim, same, threshold),
+          "pair_concordance": metrics.concordance_index(sim, same.astype(np.int64)), "num_pairs": int(len(sim))}

@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from histojax import monitor
+from histojax import datasets, monitor  # noqa: F401  (datasets: registers the builders)
 from histojax.data import sources
 from tfds_builders.common import BuildError
 
@@ -74,7 +74,7 @@ def main(argv):
   print(format_summary(summary))
 
 
-def define_flags():
+def define_flags() -> None:
   flags.DEFINE_string("dataset", None, "TFDS dataset name, e.g. synthetic_tissue.", required=True)
   flags.DEFINE_string("config", None, "Builder config (variant), e.g. tiny.")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir; default $TFDS_DATA_DIR or ~/tensorflow_datasets.")

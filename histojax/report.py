@@ -7,9 +7,11 @@
 - `retrieval_grid.png`: query patches down the left, their top-k gallery
   patches across, each result framed green when its label is the query's
   and red when not, with its label and similarity under it;
-- `index.html`: the metric tables, per-class table and both figures.
+- `index.html`: the metric tables, per-class table and both figures;
 
-Every file is written beside its destination and renamed into place.
+and `format_table` is the metrics table evaluate prints.
+
+Every file is written through `fileio` (beside its destination, renamed into place).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 from etils import epath
+
+from histojax import fileio, metrics
 
 CORRECT, WRONG, QUERY = (26, 152, 80), (215, 48, 39), (69, 117, 180)
 INK, PAPER, MUTED = (30, 30, 30), (255, 255, 255), (150, 150, 150)
@@ -43,10 +47,8 @@ def font(size: int) -> PIL.ImageFont.ImageFont:
 
 
 def _save_png(image: PIL.Image.Image, path: epath.Path) -> None:
-  partial = path.parent / f".{path.name}.partial"
-  with partial.open("wb") as f:
+  with fileio.atomic_open(path) as f:
     image.save(f, format="PNG")
-  partial.replace(path)
 
 
 def _text_width(draw, text: str, f) -> int:
@@ -252,7 +254,57 @@ def write_report(eval_dir: epath.PathLike, results: dict, class_names: list[str]
   figures = [("confusion.png", "Confusion: " + "; ".join(title for title, _ in confusions)),
              ("retrieval_grid.png", grid_title or "Queries and their top-k gallery patches")]
   page = eval_dir / "index.html"
-  partial = eval_dir / ".index.html.partial"
-  partial.write_text(index_html(results, class_names, figures))
-  partial.replace(page)
+  fileio.write_atomic(page, index_html(results, class_names, figures))
   return {"confusion": str(eval_dir / "confusion.png"), "grid": str(eval_dir / "retrieval_grid.png"), "html": str(page)}
+
+
+# --- From retrieved rows: the report files and the printed table -----------------------
+
+GRID_ROWS = 12  # queries in the retrieval grid: every class in turn
+
+
+def draw_report(eval_dir: epath.Path, results: dict, gallery, query, neighbors: np.ndarray, scores: np.ndarray,
+                class_names: list[str], k: int, read, seed: int = 0) -> dict:
+  """Confusion matrices (per patch and per source image, majority vote at k) and the grid.
+
+  `gallery`/`query` are exports (label, source_id); `read(split, row)` gives a patch's pixels.
+  """
+  retrieved = metrics.neighbor_labels(neighbors, gallery.label)
+  num_classes = len(class_names)
+  patch = metrics.confusion_matrix(query.label, metrics.majority_vote(retrieved, k), num_classes)
+  _, image_truth = metrics.group_labels(query.label, query.source_id)
+  _, image_vote, _ = metrics.pooled_vote(retrieved, query.source_id, k)
+  image = metrics.confusion_matrix(image_truth, image_vote, num_classes)
+  confusions = [(f"patches: majority vote @{k}", patch), (f"source images: pooled vote @{k}", image)]
+
+  rows = pick_grid_queries(query.label, GRID_ROWS, seed)
+  grid = [GridRow(read(results["query_split"], int(q)), int(query.label[q]), str(query.source_id[q]),
+                  [None if n < 0 else (read(results["gallery_split"], int(n)), int(gallery.label[n]), float(s))
+                   for n, s in zip(neighbors[q], scores[q])])
+          for q in rows]
+  title = (f"{results['query_split']} queries (down) and their top {k} {results['gallery_split']} patches "
+           f"(across), own source image excluded; green: same class, red: other class")
+  return write_report(eval_dir, results, class_names, confusions, grid, title)
+
+
+def format_table(results: dict) -> str:
+  """Rows per metric family (micro and macro), columns per k, then the pair metrics."""
+  rows = metric_rows(results)
+  ks = sorted({int(name.split("@")[1]) for name in results if name.startswith("precision@")})
+  head = f"{'metric':<22}" + "".join(f"{'@' + str(k):>9}" for k in ks)
+  lines = [f"retrieval at step {results['step']}: {results['num_query']} queries ({results['query_split']}) "
+           f"against {results['num_gallery']} gallery patches ({results['gallery_split']}), "
+           f"index {results['index_mode']}"]
+  if rows:
+    lines += [head, "-" * len(head)]
+    lines += [f"{name:<22}" + "".join(f"{v:>9.4f}" for v in values) for name, _, values in rows]
+  if "pair_c_index" in results:
+    threshold = results["pair_threshold"]
+    lines.append(f"pairs: c-index {results['pair_c_index']:.4f} at threshold "
+                 f"{'(all one side)' if threshold is None else f'{threshold:.3f}'}, "
+                 f"concordance {results['pair_concordance']:.4f} ({results['num_pairs']} pairs)")
+  if "pair_task_held_out_c_index" in results:
+    lines.append(f"pair task: c-index {results['pair_task_held_out_c_index']:.4f} held out on "
+                 f"{results['pair_task_validation_pairs']} validation pairs; "
+                 f"{results['pair_task_query_pairs']} query pairs answered in eval/pair_answers.csv")
+  return "\n".join(lines)

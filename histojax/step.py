@@ -52,16 +52,29 @@ def _builder(config: ml_collections.ConfigDict):
   return objective, build, lr
 
 
+def _layout(build, config: ml_collections.ConfigDict, mesh: Mesh):
+  """(graphdef, state as ShapeDtypeStructs carrying their shardings) of what `build` builds."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  shardings = sharding_lib.state_shardings(abstract, mesh, config.mesh)
+  return graphdef, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
   """(graphdef, state as ShapeDtypeStructs carrying their shardings): the layout, no arrays.
 
   Enough to restore a checkpoint into, or to inspect what `mesh.rules` do.
   """
   _, build, _ = _builder(config)
-  graphdef, abstract = nnx.split(nnx.eval_shape(build))
-  shardings = sharding_lib.state_shardings(abstract, mesh, config.mesh)
-  return graphdef, jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return _layout(build, config, mesh)
+
+
+def abstract_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
+  """`create` without creating: the Trainer and the abstract state (nothing initialised,
+  no optimizer moments allocated), for restoring a checkpoint to evaluate or search."""
+  objective, build, lr = _builder(config)
+  graphdef, abstract = _layout(build, config, mesh)
+  return Trainer(graphdef, objective, lr, mesh, jax.tree.map(lambda a: a.sharding, abstract)), abstract
 
 
 def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
@@ -74,7 +87,7 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.
   result; the models here fit one device many times over.)
   """
   objective, build, lr = _builder(config)
-  graphdef, abstract = abstract_state(config, mesh)
+  graphdef, abstract = _layout(build, config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   _, state = nnx.split(build())
   state = jax.device_put(state, shardings)

@@ -22,7 +22,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, distributed, evaluate, preemption
+from histojax import checkpoint, datasets, distributed, evaluate, preemption, report  # noqa: F401  (datasets: registers the builders)
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import monitor as monitor_lib
@@ -119,7 +119,7 @@ def _report_finished(config, workdir: epath.Path, trainer, state, step: int) -> 
     if results.get("step") == step:
       monitor_lib.info("training finished at step %d; reporting %s", step, metrics_path)
       if jax.process_index() == 0:
-        print(evaluate.format_table(results))
+        print(report.format_table(results))
       return results
   if not config.eval.at_end:
     monitor_lib.info("training finished at step %d; evaluation is off", step)
@@ -127,21 +127,26 @@ def _report_finished(config, workdir: epath.Path, trainer, state, step: int) -> 
   return evaluate.evaluate(config, workdir, trainer, state, step)
 
 
-if __name__ == "__main__":
-  from ml_collections import config_flags
+def define_flags() -> None:
+  from ml_collections import config_flags  # noqa: PLC0415
 
   config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go (any etils.epath path, "
                       "e.g. gs://bucket/run; shared by all processes).", required=True)
   distributed.define_flags()
 
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.config is None:
-      raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
-    distributed.initialize_from_flags()  # before any JAX computation
-    monitor_lib.quiet_libraries()
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
+def main(argv):
+  """The command line; the work is `train_and_evaluate(config, workdir)`."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if flags.FLAGS.config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
+  distributed.initialize_from_flags()  # before any JAX computation
+  monitor_lib.quiet_libraries()
+  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

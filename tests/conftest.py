@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from histojax import datasets  # noqa: E402, F401  (registers the builders, as the entry points do)
 from histojax.data import sources  # noqa: E402
 
 

@@ -48,3 +48,14 @@ def test_save_load_roundtrip(tmp_path):
   loaded = config_lib.load(tmp_path / "config.json")
   assert loaded.to_dict() == config.to_dict()
   assert loaded.is_locked
+
+
+def test_cli_modules_import_together_and_define_flags_only_when_run():
+  """Contract B: every CLI has module-level `main(argv)` and `define_flags()`, the latter
+  called only under `__main__`, so the modules import each other without duplicate flags."""
+  from absl import flags  # noqa: PLC0415
+
+  from histojax import convert, evaluate, prepare, search, train  # noqa: PLC0415
+  for module in (convert, evaluate, prepare, search, train):
+    assert callable(module.main) and callable(module.define_flags), module.__name__
+  assert not {"workdir", "index", "images", "dataset", "format", "step", "gallery"} & set(flags.FLAGS)

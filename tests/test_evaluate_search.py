@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from histojax import evaluate, export, index, search, train
+from histojax import evaluate, export, index, pairs, query, search, train
 from histojax.data import augment
 from tests.conftest import tiny_config
 from tfds_builders.synthetic_tissue import painter
@@ -78,16 +78,16 @@ def _painted_gallery_image(tmp_path, label=3, seed=0):
 
 def test_cut_tiles_like_the_builder(tmp_path):
   image = painter.paint_tissue(3, 0, 128)
-  cfg = search.tiling_config({"tiling": {"patch_size": 64, "stride": 64, "min_tissue_fraction": 0.0}}, 48)
-  patches = search.cut(image, cfg, 48)
+  cfg = query.tiling_record({"tiling": {"patch_size": 64, "stride": 64, "min_tissue_fraction": 0.0}}, 48)
+  patches = query.cut(image, cfg, 48)
   assert patches.coords == [(0, 0), (0, 64), (64, 0), (64, 64)] and patches.dropped == 0
   np.testing.assert_array_equal(patches.images[1], augment.center_crop(image[0:64, 64:128], 48))
-  single = search.cut(image[:60, :70], cfg, 48)  # smaller than one tile: one patch, centre-cropped
+  single = query.cut(image[:60, :70], cfg, 48)  # smaller than one tile: one patch, centre-cropped
   assert single.coords == [(0, 0)] and single.images.shape == (1, 48, 48, 3)
   with pytest.raises(ValueError, match="smaller than the model input 48x48"):
-    search.cut(image[:40, :100], cfg, 48)
+    query.cut(image[:40, :100], cfg, 48)
   # No tiling in the manifest: tiles of the model input size.
-  assert search.tiling_config({}, 48).patch_size == 48
+  assert query.tiling_record({}, 48)["patch_size"] == 48
 
 
 def test_search_cli_prints_one_json_object_per_query(trained, tmp_path):
@@ -105,7 +105,7 @@ def test_search_cli_prints_one_json_object_per_query(trained, tmp_path):
   assert done.returncode == 1, done.stderr[-2000:]  # the broken file
   answers = [json.loads(line) for line in done.stdout.splitlines()]
   assert [a["query"] for a in answers] == [str(big), str(broken)]
-  assert "not a readable image" in answers[1]["error"]
+  assert answers[1]["error"].startswith(f"{broken}: not a readable image")  # the decoder names the file
   whole = answers[0]
   assert whole["tiles_searched"] == 4 and whole["tiles_dropped"] == 0
   assert whole["vote"]["label"] == "tumour" and sum(whole["vote"]["votes"].values()) == 20
@@ -115,14 +115,45 @@ def test_search_cli_prints_one_json_object_per_query(trained, tmp_path):
     assert (top["source_id"], top["coords"]) == ("tumour_000", [tile["y"], tile["x"]])
     assert top["score"] == pytest.approx(1.0, abs=1e-4) and top["label"] == "tumour"
     assert len(tile["results"]) == 5 and [r["rank"] for r in tile["results"]] == [1, 2, 3, 4, 5]
+  # Whole-image answer: the photo itself first, every tile matching it at similarity 1.
+  first = whole["sources"][0]
+  assert (first["source_id"], first["label"], first["tiles_matched"]) == ("tumour_000", "tumour", 4)
+  assert first["score"] == pytest.approx(1.0, abs=1e-4) and [s["rank"] for s in whole["sources"]] == \
+      list(range(1, len(whole["sources"]) + 1)) and 1 < len(whole["sources"]) <= 5
+  assert all(a["score"] >= b["score"] for a, b in zip(whole["sources"], whole["sources"][1:]))
+
+
+def test_engine_answers_a_batch_as_each_alone_and_search_prints_sources(trained, tmp_path, capsys):
+  _, workdir, _ = trained
+  engine = query.QueryEngine.open(workdir / "index")
+  assert engine.num_rows == 48 and engine.class_names[3] == "tumour" and engine.tiling["patch_size"] == 64
+  images = [("a", painter.paint_tissue(3, 0, 128)), ("small", np.zeros((20, 20, 3), np.uint8)),
+            ("b", painter.paint_tissue(1, 7, 192)), ("patch", painter.paint_tissue(2, 1, 64))]
+  together = engine.answer_batch(images, 3)
+  assert "smaller than the model input" in together[1]["error"] and together[1]["query"] == "small"
+  assert [a["tiles_searched"] for a in together if "error" not in a] == [4, 9, 1]
+  for (name, image), batched in zip(images, together):
+    alone = engine.answer(name, image, 3)
+    if "error" in alone:
+      assert alone == batched
+      continue
+    assert [[r["gallery_row"] for r in t["results"]] for t in alone["tiles"]] == \
+        [[r["gallery_row"] for r in t["results"]] for t in batched["tiles"]]
+    np.testing.assert_allclose([r["score"] for t in alone["tiles"] for r in t["results"]],
+                               [r["score"] for t in batched["tiles"] for r in t["results"]], atol=1e-5)
+    assert [s["source_id"] for s in alone["sources"]] == [s["source_id"] for s in batched["sources"]]
+  assert engine.reload_if_changed() is False
+  path = tmp_path / "q.png"
+  PIL.Image.fromarray(images[0][1]).save(path)
+  assert search.run(str(workdir / "index"), [str(path)], k=3, emit=lambda r: print(search.format_answer(r))) == 0
+  printed = capsys.readouterr().out
+  assert "most similar source images" in printed and "tumour_000" in printed.split("tile (y, x)")[0]
 
 
 def test_search_refuses_a_model_that_does_not_match_the_index(trained, tmp_path):
   _, workdir, _ = trained
-  args = search.parse(["--index", str(workdir / "index"), "--images", str(_painted_gallery_image(tmp_path)),
-                       "--step", "2"])
   with pytest.raises(index.ManifestMismatch, match="step: index has 4, query has 2") as e:
-    search.run(args, print)
+    search.run(str(workdir / "index"), [str(_painted_gallery_image(tmp_path))], step=2)
   assert "fingerprint" in str(e.value)
 
 
@@ -132,8 +163,8 @@ def test_pairs_are_balanced_and_never_from_the_own_source_image():
   labels = sources // 2
   gallery = export.Export(np.eye(8, dtype=np.float32)[sources], labels, sources.astype(str),
                           np.zeros((40, 2), np.int32), {})
-  sim, same = evaluate.sample_pairs(gallery, gallery, np.random.default_rng(0), same_split=True)
+  sim, same = pairs.sample_pairs(gallery, gallery, np.random.default_rng(0), same_split=True)
   assert len(sim) == 80 and same.sum() == 40  # every patch: one same-class, one other-class partner
   assert not np.any(sim == 1.0)  # never its own image (the only same-class image is the other one)
-  out = evaluate.pair_metrics(gallery, gallery)
+  out = pairs.pair_metrics(gallery, gallery)
   assert out["num_pairs"] == 80 and 0 <= out["pair_c_index"] <= 1

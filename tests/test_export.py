@@ -88,15 +88,21 @@ def test_fingerprint_follows_the_weights(fresh):
 
 
 class _Quantised(nnx.Module):
-  """An embedder with PQ codebooks, the shape SPQ's model will have."""
+  """An embedder with PQ codebooks, the shape SPQ's model has."""
 
   def __init__(self, inner, codebooks):
     self.inner = inner
     self.codebooks = nnx.Param(codebooks)
-    self.pq_metric = "dot_product"
 
   def __call__(self, images):
     return self.inner(images)
+
+
+def _quantising_objective(config):
+  """The run's objective, with SPQ's PQ hook pointed at `_Quantised.codebooks`."""
+  objective = objectives.build(config)
+  objective.codebooks = lambda model: (np.asarray(model.codebooks[...]), "dot_product")
+  return objective
 
 
 def test_a_model_with_codebooks_exports_pq_codes_searched_by_adc(tmp_path, tiny_data_dir):
@@ -105,7 +111,7 @@ def test_a_model_with_codebooks_exports_pq_codes_searched_by_adc(tmp_path, tiny_
   books = np.random.default_rng(0).standard_normal((4, 16, 8)).astype(np.float32)  # 4 books x 16 words, 32 dims
   model = _Quantised(models.build_model(config.model), books)
   graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)))
-  trainer = step_lib.Trainer(graphdef, objectives.build(config), None, mesh)
+  trainer = step_lib.Trainer(graphdef, _quantising_objective(config), None, mesh)
   state = jax.device_put(state, mesh_lib.replicated(mesh))
 
   out = export.export_split(trainer, state, config, "train", tmp_path / "train", step=0)

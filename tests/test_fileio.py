@@ -112,3 +112,33 @@ def test_export_and_config_on_object_store(gcs):
   config.mesh.rules = (("head/", "replicate"), (".*", "fsdp"))
   config_lib.save(config, root / "run" / "config.json")
   assert config_lib.load(root / "run" / "config.json").to_dict() == config.to_dict()
+
+
+def test_atomic_writes_leave_no_partial_and_keep_the_old_file_on_failure(tmp_path):
+  path = tmp_path / "out" / "a.json"
+  fileio.write_json(path, {"b": 1, "a": [1, 2]})
+  assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
+  with pytest.raises(RuntimeError):
+    with fileio.atomic_open(path, "w") as f:
+      f.write("half")
+      raise RuntimeError("interrupted")
+  assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}  # old content intact
+  assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]  # no staging file left
+  with pytest.raises(ValueError, match="whole files"):
+    with fileio.atomic_open(path, "a"):
+      pass
+
+
+def test_npy_and_npz_round_trip_on_object_store(gcs):
+  root, disk = gcs
+  array = np.arange(12, dtype=np.int16).reshape(3, 4)
+  fileio.save_npy(root / "x" / "a.npy", array)
+  fileio.save_npz(root / "x" / "b.npz", label=array[0], source_id=np.array(["s1", "s2"]))
+  fileio.write_atomic(root / "x" / "c.bin", b"\x00\x01")
+  assert sorted(p.name for p in (disk / "x").iterdir()) == ["a.npy", "b.npz", "c.bin"]
+  np.testing.assert_array_equal(fileio.load_npy(root / "x" / "a.npy"), array)
+  rows = fileio.load_npz(root / "x" / "b.npz")
+  assert rows["source_id"].tolist() == ["s1", "s2"] and rows["label"].tolist() == [0, 1, 2, 3]
+  assert (disk / "x" / "c.bin").read_bytes() == b"\x00\x01"
+  with pytest.raises(FileNotFoundError, match="missing.npy"):
+    fileio.load_npy(root / "x" / "missing.npy")

@@ -486,11 +486,12 @@ def test_search_refuses_a_bomb_and_says_how_to_raise_the_limit(tmp_path):
   from tests import image_fixtures
   bomb = tmp_path / "bomb.png"
   bomb.write_bytes(image_fixtures.png_bomb())
-  assert search.parse(["--index", "x", "--images", "y"]).max_pixels == images.DEFAULT_MAX_PIXELS["search"]
+  import inspect  # noqa: PLC0415
+  assert inspect.signature(search.run).parameters["max_pixels"].default == images.DEFAULT_MAX_PIXELS["search"]
   with pytest.raises(images.ImageTooLargeError, match="bomb.png: 20000 x 20000 .* raise the limit .*--max_pixels"):
     search.read_image(str(bomb))
-  with pytest.raises(SystemExit):
-    search.parse(["--index", "x", "--images", "y", "--max_pixels", "0"])
+  with pytest.raises(ValueError, match="--max_pixels must be positive"):
+    search.run("x", ["y"], max_pixels=0)
 
 
 @pytest.mark.parametrize("content", [b"", b"{\"kind\": ", b"[1, 2]", b"\xff\xfe garbage", b'{"kind": "x"}'])

@@ -186,3 +186,26 @@ def test_centroid_vote_ranks_whole_sources():
   # A source is never its own neighbour when gallery and queries are one split.
   _, self_voted = M.centroid_vote(gallery, gallery_groups, gallery, gallery_groups, gallery_labels, 1)
   assert self_voted.tolist() == [1, 0, 1]  # g1 -> g2 (cosine 0.32 against -0.95), g2 -> g1, g3 -> g2
+
+
+def test_rank_sources_pools_each_tiles_best_hit_by_source():
+  # 3 query tiles x top 3; gallery rows 0-1 are photo "a", 2 is "b", 3-4 are "c".
+  source = np.array(["a", "a", "b", "c", "c"])
+  neighbors = np.array([[0, 1, 2],    # tile 0: a 0.9, a 0.8 (only the best counts), b 0.5
+                        [3, 0, -1],   # tile 1: c 0.7, a 0.6, one slot past the gallery's end
+                        [2, 4, 3]])   # tile 2: b 0.9, c 0.4, c 0.3
+  scores = np.array([[0.9, 0.8, 0.5], [0.7, 0.6, -np.inf], [0.9, 0.4, 0.3]])
+  ids, pooled, matched, row = M.rank_sources(neighbors, scores, source, top=3)
+  # By hand: a (0.9 + 0.6 + 0) / 3 = 0.5; b (0.5 + 0 + 0.9) / 3 = 0.4667; c (0 + 0.7 + 0.4) / 3 = 0.3667.
+  assert ids.tolist() == ["a", "b", "c"]
+  np.testing.assert_allclose(pooled, [0.5, 1.4 / 3, 1.1 / 3])
+  assert matched.tolist() == [2, 2, 2] and row.tolist() == [0, 2, 3]
+  top1 = M.rank_sources(neighbors, scores, source, top=1)
+  assert top1[0].tolist() == ["a"]
+  # Equal pooled score: the source matched by more tiles first, then the id.
+  ids, pooled, matched, _ = M.rank_sources(np.array([[0, 2], [0, 3]]), np.array([[0.4, 0.4], [0.4, 0.4]]),
+                                                 source, top=5)
+  assert ids.tolist() == ["a", "b", "c"] and matched.tolist() == [2, 1, 1]
+  np.testing.assert_allclose(pooled, [0.4, 0.2, 0.2])
+  empty = M.rank_sources(np.full((2, 3), -1), np.full((2, 3), -np.inf), source, top=3)
+  assert [len(x) for x in empty] == [0, 0, 0, 0]

@@ -4,6 +4,7 @@ Every job here is the real command line (`python -m histojax.train ...`),
 started once per process as on a pod, with 127.0.0.1 as coordinator.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from histojax import checkpoint, train
+from histojax import checkpoint, evaluate, export, train
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
 from tests import multiprocess
@@ -175,3 +176,31 @@ def test_iterator_states_are_compared_across_processes():
     assert p.returncode == 0, out
     assert "same state: accepted" in out, out
     assert "different states: refused: data iterator state differs between processes" in out, out
+
+
+def test_two_processes_fsdp_evaluate_like_one(tmp_path, tiny_data_dir):
+  """2 processes x 4 devices, parameters split over fsdp across them, evaluation on.
+
+  The weights fingerprint hashes whole arrays, not each process's shard, so the
+  processes agree on it (`export.fingerprint` asserts so across processes) and it
+  equals the one a single process computes from the same checkpoint, which
+  therefore reuses the export and index the 2-process job wrote and scores them alike.
+  """
+  overrides = {**EQUAL, "eval.at_end": True, "mesh.fsdp": 2, "mesh.fsdp_min_size": 0}
+  workdir = tmp_path / "2x4"
+  job = multiprocess.launch(multiprocess.train_command(workdir, tiny_data_dir, overrides),
+                            num_processes=2, devices_per_process=4, log_dir=tmp_path / "logs")
+  assert job.wait(timeout=900) == [0, 0], job.tails()  # training, then evaluation
+  two = json.loads((workdir / "eval" / "metrics.json").read_text())
+  exported = json.loads((workdir / "export" / "train" / "manifest.json").read_text())
+
+  config = _config(tiny_data_dir, overrides)
+  trainer, state, step = checkpoint.restore_for_eval(config, workdir)
+  assert step == 4 and export.fingerprint(trainer, state) == exported["fingerprint"]
+  config.mesh.fsdp = 1  # the same weights replicated: the fingerprint does not depend on the layout
+  trainer, state, _ = checkpoint.restore_for_eval(config, workdir)
+  assert export.fingerprint(trainer, state) == exported["fingerprint"]
+  index_written = (workdir / "index" / "manifest.json").stat().st_mtime_ns
+  one = evaluate.evaluate(config, workdir)
+  assert (workdir / "index" / "manifest.json").stat().st_mtime_ns == index_written  # reused, not rebuilt
+  assert one == two and two["num_query"] > 0 and 0.0 <= two["map@10"] <= 1.0

@@ -93,3 +93,21 @@ def test_d8_embedding_does_not_move_with_orientation(devices):
   config.eval.tta = "d4"
   with pytest.raises(ValueError, match="eval.tta must be one of"):
     step_lib.jit_embed(trainer)(state, images)
+
+
+def test_create_builds_once_and_the_abstract_trainer_builds_nothing(monkeypatch):
+  config = tiny_config("")
+  config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 0
+  mesh = mesh_lib.make_mesh(config.mesh)
+  calls = []
+  real = step_lib._builder  # noqa: SLF001
+  monkeypatch.setattr(step_lib, "_builder", lambda c: calls.append(1) or real(c))
+  trainer, state = step_lib.create(config, mesh)
+  assert len(calls) == 1  # one objective, one optimizer, one build: not a second pass for the layout
+  abstract_trainer, abstract = step_lib.abstract_trainer(config, mesh)
+  leaves = jax.tree.leaves(abstract)
+  assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # no array was made
+  assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), abstract) == \
+      jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), state)
+  assert abstract_trainer.state_sharding == trainer.state_sharding
+  assert type(abstract_trainer.objective) is type(trainer.objective)

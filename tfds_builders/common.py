@@ -159,12 +159,7 @@ def _whole_image(path: str, spec: ImageSpec, max_pixels: int) -> bytes:
                and spec.stain is None)
   if spec.image_size is None and spec.resize == 1.0 and untouched:
     return epath.Path(path).read_bytes()  # already RGB JPEG/PNG: keep the original bytes
-  if spec.image_size is not None:
-    h, w = spec.image_size
-    image = np.asarray(PIL.Image.fromarray(image).resize((w, h), PIL.Image.Resampling.BICUBIC))
-  else:
-    image = tiling.resize(image, spec.resize)
-  return encode(image, spec.encoding)
+  return encode(tiling.whole_image(image, spec.resize, spec.image_size), spec.encoding)
 
 
 def prepare_source(source: SourceImage, spec: ImageSpec, max_pixels: int = MAX_PIXELS) -> Prepared:

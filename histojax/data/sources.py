@@ -2,20 +2,22 @@
 
 Images are read as encoded bytes (`SkipDecoding`) and decoded with PIL in the
 Grain pipeline, so no TensorFlow is needed anywhere.
+
+Datasets are found by name through TFDS's registry. This module does not
+import the project's builders (`tfds_builders`, which import the data layer
+themselves): the entry points register them by importing `histojax.datasets`.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import time
 from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-
-import tfds_builders  # noqa: F401  (registers our builders with TFDS)
-from tfds_builders.common import TiledBuilder
 
 
 def builder(name: str, data_dir: str = "", **builder_kwargs) -> tfds.core.DatasetBuilder:
@@ -34,14 +36,14 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: b
   split is written, so an interrupted build never reads as prepared.
   `skip_corrupt`, `workers` (processes) and `max_pixels` (per image; default
   `tfds_builders.common.MAX_PIXELS`) apply to the archive-reading builders
-  (`tfds_builders.common.TiledBuilder`), and so does `beam_runner`: it
+  (`tfds_builders.common.TiledBuilder`, whose constructor takes them), and so does `beam_runner`: it
   prepares the images as an Apache Beam pipeline on that runner, with
   `beam_options` its pipeline flags (e.g. `--project=...`, `--region=...`).
   """
   kwargs = {}
   if skip_corrupt or workers is not None or max_pixels is not None or beam_runner or beam_options:
     cls = tfds.builder_cls(name.split("/")[0])
-    if not issubclass(cls, TiledBuilder):
+    if "skip_corrupt" not in inspect.signature(cls.__init__).parameters:
       raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt, workers, max_pixels and "
                        "the Beam route do not apply")
     kwargs = {"skip_corrupt": skip_corrupt, "workers": workers}

@@ -93,3 +93,45 @@ def tile_image(image: np.ndarray, cfg: TilingConfig) -> tuple[list[Tile], int]:
       kept.append(Tile(int(y), int(x), image[y:y + p, x:x + p], fraction))
   return kept, len(coords) - len(kept)
 
+
+
+# --- The record of how a dataset was cut, and cutting a query the same way -----------
+# An export/index manifest carries `record(...)` of the gallery split's builder
+# settings; the query path rebuilds the same steps from it (`config_from_record`,
+# `whole_image`), so a query photo is cut as the gallery photos were.
+
+RECORD_FIELDS = ("patch_size", "stride", "resize", "tissue_threshold", "min_tissue_fraction", "image_size", "stain")
+
+
+def record(tiles: TilingConfig | None, resize: float = 1.0, image_size=None, stain: dict | None = None) -> dict:
+  """JSON-ready description of what a builder did to each source image.
+
+  Tiled datasets: the `TilingConfig`'s fields (image_size null). Datasets of
+  whole images (patch datasets, `tiles` None): patch_size 0, the builder's
+  resize factor or target (height, width), every image kept. `stain`: the
+  stain-normalisation spec applied to the whole image first, or null.
+  """
+  if tiles is not None:
+    fields = dataclasses.asdict(tiles)
+    fields.update(image_size=None, stain=stain)
+  else:
+    fields = dict(patch_size=0, stride=0, resize=float(resize), tissue_threshold=None, min_tissue_fraction=0.0,
+                  image_size=None if image_size is None else [int(s) for s in image_size], stain=stain)
+  return {key: fields[key] for key in RECORD_FIELDS}
+
+
+def config_from_record(rec: dict) -> TilingConfig | None:
+  """The `TilingConfig` a record describes; None for whole images (patch_size 0)."""
+  if not rec.get("patch_size"):
+    return None
+  fields = {f.name for f in dataclasses.fields(TilingConfig)}
+  return TilingConfig(**{k: v for k, v in rec.items() if k in fields})
+
+
+def whole_image(image: np.ndarray, resize_factor: float = 1.0, image_size=None) -> np.ndarray:
+  """A whole-image example as a builder stores it: resized to (height, width)
+  (bicubic) when given, else by the factor (as `resize`)."""
+  if image_size is not None:
+    h, w = image_size
+    return np.asarray(PIL.Image.fromarray(image).resize((int(w), int(h)), PIL.Image.Resampling.BICUBIC))
+  return resize(image, resize_factor)

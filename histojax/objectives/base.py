@@ -10,7 +10,8 @@ An objective owns how one method trains and what it serves:
   diagnostics for the log;
 - `after_update(model, step)`: work after the optimizer step (BYOL's EMA);
 - `embed(model, images)`: the retrieval embedding used by export and search;
-- `encode(model, images)`: database codes for compressed search (SPQ), else None;
+- `codebooks(model)`: (codebooks [M, K, d/M], PQ metric) when the gallery is
+  stored as product-quantisation codes and searched by ADC (SPQ), else None;
 - `load_weights(state, directory)`: `config.init_from` into the train state;
 - `views`: how many augmented views per example the input pipeline makes.
 """
@@ -32,12 +33,15 @@ class Objective:
   views = 1
   trainable = nnx.Param
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config  # the whole run config: objectives may need model or input fields
-    self.cfg = config.objective
+  def __init__(self, cfg: ml_collections.ConfigDict, model: ml_collections.ConfigDict,
+               augment: ml_collections.ConfigDict, total_steps: int):
+    self.cfg = cfg  # config.objective: the method's own knobs
+    self.model_cfg = model  # config.model: what build_model builds
+    self.augment_cfg = augment  # config.augment: the colour views
+    self.total_steps = total_steps  # schedules inside the objective (BYOL's target decay)
 
   def build_model(self, seed: int) -> nnx.Module:
-    return models.build_model(self.config.model, seed=seed)
+    return models.build_model(self.model_cfg, seed=seed)
 
   def loss(self, model, batch: dict, rng: jax.Array):
     raise NotImplementedError
@@ -48,8 +52,10 @@ class Objective:
   def embed(self, model, images):
     return model(images)
 
-  def encode(self, model, images):
-    del model, images
+  def codebooks(self, model):
+    """The PQ hook export reads: None, or (float32 codebooks [M, K, d/M], metric)
+    with which `pq.encode` codes the exported embeddings."""
+    del model
     return None
 
   def load_weights(self, state, directory):
@@ -58,8 +64,10 @@ class Objective:
 
   def augment(self, images, rng: jax.Array, view: int = 1):
     """Device-side colour augmentation of one view (identity when configured off)."""
-    return colour.augment(images, rng, self.config.augment[f"view{view}"])
+    return colour.augment(images, rng, self.augment_cfg[f"view{view}"])
 
 
 def build(config: ml_collections.ConfigDict) -> Objective:
-  return OBJECTIVES.get(config.objective.name)(config)
+  """The run's objective, given the config sections it reads and nothing else."""
+  return OBJECTIVES.get(config.objective.name)(config.objective, model=config.model, augment=config.augment,
+                                               total_steps=config.total_steps)

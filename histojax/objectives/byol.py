@@ -67,7 +67,7 @@ class BYOL(Objective):
   trainable = nnx.All(nnx.Param, _stop_target)
 
   def build_model(self, seed):
-    if self.config.model.get("head", {}).get("name") != "byol":
+    if self.model_cfg.get("head", {}).get("name") != "byol":
       raise ValueError("objective 'byol' needs the byol head: base_config(objective='byol', head='byol')")
     return BYOLNet(super().build_model(seed))
 
@@ -92,7 +92,7 @@ class BYOL(Objective):
     return loss, aux
 
   def after_update(self, model, step):
-    tau = target_decay(step, self.config.total_steps, self.cfg.base_decay)
+    tau = target_decay(step, self.total_steps, self.cfg.base_decay)
     nnx.update(model.target, ema(nnx.state(model.target, nnx.Param), nnx.state(model.online, nnx.Param), tau))
 
   def embed(self, model, images):

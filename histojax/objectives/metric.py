@@ -174,7 +174,7 @@ class ABE(Objective):
     outputs = model.outputs(self.augment(batch["image"], rng))
     if "learners" not in outputs:
       raise ValueError(f"objective 'abe' needs per-learner embeddings: set model.name='abe' "
-                       f"(got {self.config.model.name!r})")
+                       f"(got {self.model_cfg.name!r})")
     c = self.cfg
     return abe_loss(outputs["learners"], batch["label"], margin_c=c.margin_c, lambda_div=c.lambda_div,
                     margin_div=c.margin_div)

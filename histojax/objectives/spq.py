@@ -19,18 +19,11 @@ from histojax.objectives.contrastive import cross_quantized_contrastive_loss
 
 
 class SPQNet(nnx.Module):
-  """Embedder + quantiser. `codebooks` and `pq_metric` are the PQ hook that
-  `histojax.export` reads to store the gallery as codes."""
-
-  pq_metric = "dot_product"
+  """Embedder + quantiser; `SPQ.codebooks` hands the quantiser's codebooks to export."""
 
   def __init__(self, embedder: nnx.Module, quantizer: ProductQuantizer):
     self.embedder = embedder
     self.quantizer = quantizer
-
-  @property
-  def codebooks(self):
-    return self.quantizer.unit_codebooks()
 
   def __call__(self, images):
     return self.embedder(images)
@@ -43,7 +36,7 @@ class SPQ(Objective):
 
   def build_model(self, seed):
     embedder = super().build_model(seed)
-    dim = self.config.model.embed_dim
+    dim = self.model_cfg.embed_dim
     if not dim:
       raise ValueError("objective 'spq' needs a projected embedding: set model.embed_dim > 0 "
                        "(a multiple of objective.num_codebooks)")
@@ -63,8 +56,9 @@ class SPQ(Objective):
   def embed(self, model, images):
     return model.embedder(images)
 
-  def encode(self, model, images):
-    return model.quantizer.encode(model.embedder(images))
+  def codebooks(self, model):
+    # Unit codewords: the quantiser's hard codes (cosine argmax) equal pq.encode's dot-product argmax.
+    return model.quantizer.unit_codebooks(), "dot_product"
 
   def load_weights(self, state, directory):
     from histojax.weights import store  # noqa: PLC0415

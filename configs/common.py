@@ -1,0 +1,98 @@
+"""Presets the method configs share: where the data is and at what scale.
+
+Kept beside the configs, not in the schema (`histojax.config`), as big_vision
+keeps its `configs/common.py`: a preset is an experiment choice, the schema
+only says which fields exist. Each preset edits a config in place.
+"""
+
+import ml_collections
+
+from histojax.data import colour
+
+SYNTHETIC_SIZES = ("quickstart", "tiny")
+
+
+def shrink_to_synthetic(c: ml_collections.ConfigDict, size: str) -> None:
+  """Points a config at the synthetic smoke data and shrinks it to CPU scale.
+
+  "quickstart": synthetic_tissue, 56 px crops, quarter-width ResNet-18-sized
+  trunks, 400 steps (about a minute on 2 cores). "tiny": the 4-step test size.
+  Method-specific fields (heads, codebooks) are the config file's business.
+  """
+  tiny = size == "tiny"
+  c.dataset.name = "synthetic_tissue/tiny" if tiny else "synthetic_tissue"
+  c.dataset.train_split, c.dataset.gallery_split, c.dataset.query_split = "train", "train", "test"
+  c.init_from = ""
+  c.total_steps, c.log_every = (4, 2) if tiny else (400, 20)
+  c.input.batch_size, c.input.m_per_class = (24, 4) if tiny else (48, 8)  # 6 classes x m
+  c.input.image_size = 48 if tiny else 56
+  c.input.eval_batch_size = 32 if tiny else 128
+  c.input.num_workers = 0
+  if "depth" in c.model:
+    c.model.depth, c.model.width = 18, 0.125 if tiny else 0.25
+  c.model.dtype = "float32"
+  c.optimizer.warmup_steps = 1 if tiny else 40
+  c.checkpoint.every_steps = 2 if tiny else 100
+  c.checkpoint.max_to_keep = 2
+  c.mesh.data = -1
+
+
+def synthetic_sizes(c: ml_collections.ConfigDict, variants: dict, embed_dim: dict[str, int] | None = None,
+                    lr: float | None = 2e-3) -> list[str]:
+  """`shrink_to_synthetic` for each of the `quickstart`/`tiny` variants chosen, then the
+  settings the methods share at that size: `embed_dim[size]` and the learning rate.
+
+  Returns the sizes applied, in order, so a config can add fields of its own method.
+  """
+  applied = [size for size in SYNTHETIC_SIZES if size in variants]
+  for size in applied:
+    shrink_to_synthetic(c, size)
+    if lr is not None:
+      c.optimizer.lr = lr
+    if embed_dim is not None:
+      c.model.embed_dim = embed_dim[size]
+  return applied
+
+
+def use_bach(c: ml_collections.ConfigDict) -> None:
+  """Points a method config at BACH at accelerator scale: `bach/default` (224 px
+  tiles at 20x, split per photo), gallery train, queries test, bf16 compute."""
+  c.dataset.name = "bach/default"
+  c.dataset.gallery_split, c.dataset.query_split = "train", "test"
+  c.input.image_size, c.input.eval_batch_size = 224, 512
+  c.model.dtype = "bfloat16"
+  c.eval.ks = (1, 5, 10, 20)
+
+
+def bach_on_cpu(c: ml_collections.ConfigDict) -> None:
+  """The CPU scale of a BACH config: `bach/x10_256` (256 px tiles at 10x, 1561
+  train tiles) and a half-width ResNet-18-sized trunk in fp32. The method config
+  then sets crop size, batch and steps so the run fits well inside 30 min on 2 cores."""
+  c.dataset.name = "bach/x10_256"
+  c.log_every, c.input.eval_batch_size = 25, 64
+  c.model.depth, c.model.width, c.model.dtype = 18, 0.5, "float32"
+  c.checkpoint.every_steps = 250
+
+
+def supervised_bach(c: ml_collections.ConfigDict) -> None:
+  """`use_bach` plus what the label-supervised methods (DML, CGD) share at accelerator
+  scale: 6000 steps of 64 tiles x 4 classes, light colour and stain jitter (slides differ
+  in staining, not in hue identity), AdamW at 1e-4 after 300 warmup steps."""
+  use_bach(c)
+  c.total_steps = 6000
+  c.input.batch_size, c.input.m_per_class = 256, 64  # BACH has 4 classes: 4 x 64
+  c.augment.view1 = colour.view_defaults(jitter_prob=0.8, brightness=0.2, contrast=0.2, saturation=0.1,
+                                         hue=0.02, hed_prob=0.5)
+  c.optimizer.name, c.optimizer.lr, c.optimizer.warmup_steps = "adamw", 1e-4, 300
+  c.checkpoint.every_steps = 1000
+
+
+def supervised_bach_on_cpu(c: ml_collections.ConfigDict) -> None:
+  """`bach_on_cpu` plus the schedule the label-supervised methods (DML, CGD) share
+  there: 1500 steps of 8 tiles x 4 classes, 112 px random-resized crops of 25-100%."""
+  bach_on_cpu(c)
+  c.total_steps = 1500
+  c.input.batch_size, c.input.m_per_class = 32, 8
+  c.input.crop, c.input.crop_scale_min = "random_resized", 0.25
+  c.input.image_size = 112
+  c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 100

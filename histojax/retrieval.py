@@ -1,0 +1,68 @@
+"""The index and neighbours stages of evaluation: a gallery export -> a searchable index
+(`<workdir>/index`, reused when built from the same export with the same knobs) -> each
+query's top-k gallery rows after exclusions (a query's own source image, or itself)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from etils import epath
+
+from histojax import export, index, metrics, monitor
+
+IDENTITY = ("dataset", "split", "step", "fingerprint", "model", "image_size", "index_config", "build_k")
+
+
+def index_manifest(config, workdir: epath.Path, gallery: export.Export, k: int) -> dict:
+  """What the index is of: checkpoint, model, data, normalisation, tiling, knobs."""
+  man = gallery.manifest
+  return {"checkpoint": {"workdir": str(workdir.absolute()), "step": man["step"], "fingerprint": man["fingerprint"]},
+          **{key: man.get(key) for key in ("dataset", "split", "step", "model", "image_size", "fingerprint",
+                                            "normalization", "class_names", "tiling", "pq")},
+          "index_config": dataclasses.asdict(index.IndexConfig.from_config(config.eval.index)), "build_k": k}
+
+
+def build_or_reuse_index(config, workdir: epath.Path, gallery: export.Export, k: int):
+  """(index, manifest): the one in `<workdir>/index` when it was built from this very
+  gallery export with these knobs, else a new one (saved by process 0)."""
+  wanted = index_manifest(config, workdir, gallery, k)
+  identity = {key: wanted[key] for key in IDENTITY}
+  found = index.load_if_matching(workdir / "index", {**identity, "count": len(gallery.label)})
+  if found is not None:
+    monitor.info("reusing the index in %s", workdir / "index")
+    return found
+  # With PQ codes, 'auto' searches them (ADC); a float mode named in config uses the embeddings.
+  idx = index.build(gallery.embeddings, config.eval.index, k=k, codes=gallery.codes, codebooks=gallery.codebooks)
+  manifest = wanted
+  if jax.process_index() == 0:
+    manifest = index.save(idx, workdir / "index", wanted, gallery.rows())
+  return idx, manifest
+
+
+def exclusion_keys(gallery: export.Export, query: export.Export, same_split: bool,
+                   exclude_same_source: bool):
+  """Keys whose equality removes a gallery row from a query's results, or None.
+
+  With `exclude_same_source`, a query never sees its own source image. Without
+  it, a query searched against its own split still never sees itself.
+  """
+  if exclude_same_source:
+    return gallery.source_id, query.source_id
+  if same_split:
+    rows = np.arange(len(query.label))
+    return rows, rows
+  return None
+
+
+def retrieve(idx: index.Index, query: export.Export, k: int, keys):
+  """Top-k (neighbours, scores) of every query after exclusions."""
+  if keys is None:
+    return index.search(idx, query.embeddings, k)
+  extra = metrics.max_shared_source(*keys)
+  neighbors, scores = index.search(idx, query.embeddings, k + extra)
+  columns = metrics.kept_columns(neighbors, keys[0], keys[1], k)
+  safe = np.maximum(columns, 0)
+  return (np.where(columns >= 0, np.take_along_axis(neighbors, safe, 1), -1),
+          np.where(columns >= 0, np.take_along_axis(scores, safe, 1), -np.inf).astype(np.float32))
