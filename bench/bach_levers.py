@@ -13,6 +13,7 @@ Writes W/levers.json; prints one line per (tta, split).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -47,7 +48,7 @@ def measure(workdir: epath.Path, splits, modes) -> dict:
   out = {"workdir": str(workdir), "step": step, "results": {}}
   for mode in modes:
     config.eval.tta = mode
-    trainer.objective.config.eval.tta = mode  # the embedding function reads the mode from here
+    trainer = dataclasses.replace(trainer, tta=mode)  # the embedding function reads the mode from here
     start = time.perf_counter()
     folder = workdir / "export" if mode == "none" else workdir / "levers" / mode  # none: reuse train's exports
     gallery = export.export_split(trainer, state, config, "train", folder / "train", step, fp)

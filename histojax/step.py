@@ -34,6 +34,7 @@ class Trainer:
   lr_schedule: optax.Schedule
   mesh: Mesh
   state_sharding: Any = None  # where the state lives (replicated, or split over fsdp)
+  tta: str = "none"  # config.eval.tta: how `embed` embeds (see there)
 
 
 def _builder(config: ml_collections.ConfigDict):
@@ -74,7 +75,8 @@ def abstract_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Tra
   no optimizer moments allocated), for restoring a checkpoint to evaluate or search."""
   objective, build, lr = _builder(config)
   graphdef, abstract = _layout(build, config, mesh)
-  return Trainer(graphdef, objective, lr, mesh, jax.tree.map(lambda a: a.sharding, abstract)), abstract
+  return (Trainer(graphdef, objective, lr, mesh, jax.tree.map(lambda a: a.sharding, abstract), config.eval.tta),
+          abstract)
 
 
 def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
@@ -91,7 +93,7 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   _, state = nnx.split(build())
   state = jax.device_put(state, shardings)
-  return Trainer(graphdef, objective, lr, mesh, shardings), state
+  return Trainer(graphdef, objective, lr, mesh, shardings, config.eval.tta), state
 
 
 def gather_model(trainer: Trainer, state: nnx.State) -> nnx.State:
@@ -174,7 +176,7 @@ def embed(trainer: Trainer, state: nnx.State, images: jax.Array) -> jax.Array:
   """
   model, _ = nnx.merge(trainer.graphdef, gather_model(trainer, state))
   model.eval()
-  tta = trainer.objective.config.eval.get("tta", "none")
+  tta = trainer.tta
   if tta == "none":
     return trainer.objective.embed(model, images)
   if tta != "d8":
