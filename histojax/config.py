@@ -81,6 +81,7 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
   c.eval.at_end = True
   c.eval.ks = (1, 5, 10)
   c.eval.exclude_same_source = True  # a query is never answered by its own source image
+  c.eval.tta = "none"  # none | d8: embed the mean over the 8 flips/rotations (gallery and queries alike)
   c.eval.index = ml_collections.ConfigDict()  # fields and defaults: histojax.index.IndexConfig
   c.eval.index.mode = "auto"  # auto | exact | brute_force | ah | tree_ah | adc (PQ codes)
   c.eval.index.brute_force_below = 20_000  # auto: brute force below this many gallery rows
@@ -122,6 +123,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   objectives.OBJECTIVES.get(config.objective.name)
   from histojax import index  # noqa: PLC0415  (index knobs fail here, before training, not at eval)
   index.IndexConfig.from_config(config.eval.index)
+  if config.eval.tta not in ("none", "d8"):  # step.TTA_MODES; step imports config, not the other way round
+    raise ValueError(f"eval.tta must be 'none' or 'd8', got {config.eval.tta!r}")
   sharding.compile_rules(config.mesh)
 
 

@@ -45,13 +45,15 @@ def neighbours_stage(config, idx, gallery: export.Export, query: export.Export, 
   return retrieval.retrieve(idx, query, k, keys)
 
 
-def metrics_stage(config, gallery: export.Export, query: export.Export, neighbors, class_names) -> tuple[dict, list]:
+def metrics_stage(config, gallery: export.Export, query: export.Export, neighbors, class_names,
+                  scores) -> tuple[dict, list]:
   """(results, pair-task decisions or None): retrieval metrics when the data is labelled,
   pair metrics, and the pair-query task's answers where the dataset has query pairs."""
   results = {}
   if neighbors is not None:
     results = metrics.retrieval_metrics(neighbors, gallery.label, query.label, config.eval.ks, query.source_id,
                                         class_names)
+    results.update(image_vote_variants(gallery, query, neighbors, scores, config.eval.ks))
     results.update(pairs.pair_metrics(gallery, query, config.seed))
   decisions = None
   task_pairs = dataset_pairs(config)
@@ -77,7 +79,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
   # score retrieval against: only the pair task is reported for it.
   labelled = len(class_names) > 1
   neighbors, scores = neighbours_stage(config, idx, gallery, query, k) if labelled else (None, None)
-  results, decisions = metrics_stage(config, gallery, query, neighbors, class_names)
+  results, decisions = metrics_stage(config, gallery, query, neighbors, class_names, scores)
   results.update(step=step, num_gallery=len(gallery.label), num_query=len(query.label),
                  num_query_images=int(len(np.unique(query.source_id))), index_mode=idx.mode,
                  dataset=config.dataset.name, gallery_split=config.dataset.gallery_split,
@@ -92,6 +94,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
                          image_reader(config), config.seed)
     print(report.format_table(results))
   return results
+
+
+def image_vote_variants(gallery: export.Export, query: export.Export, neighbors: np.ndarray,
+                        scores: np.ndarray, ks) -> dict:
+  """Other ways to pool a source image's answer than one vote per retrieved tile:
+  votes weighted by similarity (`image_weighted_vote@k`), and whole-source
+  retrieval by mean embedding (`image_centroid_vote@k`: the k nearest gallery images)."""
+  retrieved = metrics.neighbor_labels(neighbors, gallery.label)
+  _, truth = metrics.group_labels(query.label, query.source_id)
+  out = {}
+  for k in ks:
+    _, weighted = metrics.weighted_pooled_vote(retrieved, scores, query.source_id, k)
+    _, centroid = metrics.centroid_vote(query.embeddings, query.source_id, gallery.embeddings, gallery.source_id,
+                                        gallery.label, k)
+    out[f"image_weighted_vote@{k}"] = float(np.mean(weighted == truth))
+    out[f"image_centroid_vote@{k}"] = float(np.mean(centroid == truth))
+  return out
 
 
 def image_reader(config):

@@ -124,14 +124,17 @@ def _stain_spec(spec, cfg) -> dict | None:
     found = getattr(cfg, "stain", None)
   if found is None or isinstance(found, dict):
     return found
-  return {"method": str(found)} if isinstance(found, str) else dataclasses.asdict(found)
+  if isinstance(found, str):  # a method name: its full spec, the numbers the builder used
+    from histojax.data import stain  # noqa: PLC0415
+    return stain.spec(found)
+  return dataclasses.asdict(found)
 
 
 def identity(config, split: str, step: int, fingerprint_: str) -> dict:
   """The fields an export is reused on, as they read back from JSON (tuples become lists)."""
   return json.loads(json.dumps({"dataset": config.dataset.name, "split": split, "step": step,
                                 "model": config.model.to_dict(), "image_size": config.input.image_size,
-                                "fingerprint": fingerprint_}))
+                                "tta": config.eval.get("tta", "none"), "fingerprint": fingerprint_}))
 
 
 # --- Embedding ------------------------------------------------------------------

@@ -173,6 +173,52 @@ def pooled_vote(retrieved: np.ndarray, groups: np.ndarray, k: int):
   return ids, _winner(pooled, earliest, k), pooled
 
 
+def weighted_pooled_vote(retrieved: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int):
+  """`pooled_vote` with each result weighted by its similarity instead of 1.
+
+  A tile whose neighbours are all far (glass, fat, an odd field) then sways
+  its photo's answer less than a tile with close matches. Similarities are
+  shifted so the lowest used is 0 (cosine scores can be negative). Returns
+  (group ids sorted, voted label [G], -1 for a group with no result).
+  """
+  top, weight = retrieved[:, :k], np.asarray(scores, np.float64)[:, :k]
+  present = top >= 0
+  if present.any():
+    weight = weight - weight[present].min()
+  ids, inverse = np.unique(groups, return_inverse=True)
+  num_labels = _num_labels(retrieved)
+  pooled = np.zeros((len(ids), num_labels))
+  rows = np.broadcast_to(inverse[:, None], top.shape)
+  np.add.at(pooled, (rows[present], top[present]), weight[present] + 1e-9)  # every result counts a little
+  return ids, np.where(pooled.max(1, initial=0) > 0, np.argmax(pooled, axis=1), -1)
+
+
+def source_centroids(embeddings: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(group ids sorted, the L2-normalised mean embedding of each group's rows)."""
+  ids, inverse = np.unique(groups, return_inverse=True)
+  sums = np.zeros((len(ids), embeddings.shape[1]), np.float64)
+  np.add.at(sums, inverse, embeddings)
+  return ids, sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+
+
+def centroid_vote(query_emb: np.ndarray, query_groups: np.ndarray, gallery_emb: np.ndarray,
+                  gallery_groups: np.ndarray, gallery_labels: np.ndarray, k: int):
+  """One answer per query source from whole-source similarity: each query source's
+  mean embedding against each gallery source's, top-k gallery sources' majority vote.
+
+  A gallery source that is also a query source is never its own neighbour.
+  Returns (query group ids sorted, voted label [G]).
+  """
+  q_ids, q_centroids = source_centroids(query_emb, query_groups)
+  g_ids, g_centroids = source_centroids(gallery_emb, gallery_groups)
+  _, g_labels = group_labels(gallery_labels, gallery_groups)
+  similarity = q_centroids @ g_centroids.T
+  similarity[q_ids[:, None] == g_ids[None, :]] = -np.inf
+  order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+  ranked = np.where(np.take_along_axis(similarity, order, 1) > -np.inf, g_labels[order], -1)
+  return q_ids, majority_vote(ranked, min(k, ranked.shape[1]))
+
+
 def rank_sources(neighbors: np.ndarray, scores: np.ndarray, gallery_source: np.ndarray, top: int):
   """Gallery source images (photos, slides) ranked for one query image by pooled similarity.
 

@@ -34,6 +34,7 @@ class Trainer:
   lr_schedule: optax.Schedule
   mesh: Mesh
   state_sharding: Any = None  # where the state lives (replicated, or split over fsdp)
+  tta: str = "none"  # config.eval.tta: how `embed` embeds (see there)
 
 
 def _builder(config: ml_collections.ConfigDict):
@@ -74,7 +75,8 @@ def abstract_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Tra
   no optimizer moments allocated), for restoring a checkpoint to evaluate or search."""
   objective, build, lr = _builder(config)
   graphdef, abstract = _layout(build, config, mesh)
-  return Trainer(graphdef, objective, lr, mesh, jax.tree.map(lambda a: a.sharding, abstract)), abstract
+  return (Trainer(graphdef, objective, lr, mesh, jax.tree.map(lambda a: a.sharding, abstract), config.eval.tta),
+          abstract)
 
 
 def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.State]:
@@ -91,7 +93,7 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, nnx.
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   _, state = nnx.split(build())
   state = jax.device_put(state, shardings)
-  return Trainer(graphdef, objective, lr, mesh, shardings), state
+  return Trainer(graphdef, objective, lr, mesh, shardings, config.eval.tta), state
 
 
 def gather_model(trainer: Trainer, state: nnx.State) -> nnx.State:
@@ -155,11 +157,32 @@ def jit_train_step(trainer: Trainer, state: nnx.State):
       donate_argnums=0)
 
 
+TTA_MODES = ("none", "d8")
+
+
+def dihedral_views(images: jax.Array) -> list[jax.Array]:
+  """The 8 flips and rotations of a [B, H, W, C] batch (square images): tissue has no 'up'."""
+  views = [jnp.rot90(images, k, axes=(1, 2)) for k in range(4)]
+  return views + [v[:, :, ::-1] for v in views]
+
+
 def embed(trainer: Trainer, state: nnx.State, images: jax.Array) -> jax.Array:
-  """Eval-mode embeddings (running batch statistics, no state change)."""
+  """Eval-mode embeddings (running batch statistics, no state change).
+
+  With `eval.tta = "d8"` each image's embedding is the mean over its 8 flips
+  and rotations, L2-normalised again: a single view's embedding still moves
+  with orientation, which a tile of tissue does not have. Export and search
+  both embed through here, so gallery and queries always agree.
+  """
   model, _ = nnx.merge(trainer.graphdef, gather_model(trainer, state))
   model.eval()
-  return trainer.objective.embed(model, images)
+  tta = trainer.tta
+  if tta == "none":
+    return trainer.objective.embed(model, images)
+  if tta != "d8":
+    raise ValueError(f"eval.tta must be one of {TTA_MODES}, got {tta!r}")
+  total = sum(trainer.objective.embed(model, view).astype(jnp.float32) for view in dihedral_views(images))
+  return total / jnp.maximum(jnp.linalg.norm(total, axis=-1, keepdims=True), 1e-12)
 
 
 def jit_embed(trainer: Trainer):

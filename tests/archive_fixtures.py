@@ -53,7 +53,8 @@ def metadata(data_source) -> dict[str, dict[str, np.ndarray]]:
 # --------------------------------------------------------------------------- bach
 
 BACH_FILES = {"Normal": ("n", ".tif"), "Benign": ("b", ".tiff"), "InSitu": ("is", ".jpg"), "Invasive": ("iv", ".png")}
-BACH_CONFIG = BachConfig(name="t32", patch_size=32, tissue_threshold=0.1,
+# 5 photos per class in blocks of 1 photo: 001-003 train, 004 validation, 005 test.
+BACH_CONFIG = BachConfig(name="t32", patch_size=32, tissue_threshold=0.1, block_size=1,
                          split_fractions=(("train", 0.6), ("validation", 0.2), ("test", 0.2)))
 
 

@@ -2,7 +2,8 @@
 repository: CI has it, a fresh clone does not, and then this is skipped).
 
 Uses the registered `x10_256` variant (10x, 256 px tiles): every photo is
-read, resized and filtered, with few enough tiles to stay quick.
+read, resized and filtered, with few enough tiles to stay quick. Checks the
+patient-aware split: whole blocks of neighbouring photo numbers per split.
 """
 
 import collections
@@ -33,11 +34,17 @@ def test_bach_from_the_real_photos(tmp_path):
   meta = {split: sources.read_metadata(s) for split, s in ds.items()}
   built = b.info.metadata["splits"]
 
-  # 50 photos per class, split 70/10/20 per photo: 35/5/10 of each class. A photo
-  # whose every tile is background (fat, lumen) has no examples but still counts.
+  # 50 photos per class in blocks of 5 consecutive numbers, 7/1/2 blocks: 001-035 train,
+  # 036-040 validation, 041-050 test in every class, so test holds patients train has not
+  # seen. A photo whose every tile is background (fat, lumen) has no examples but still counts.
   with open(BACH / "ICIAR2018_BACH_Challenge" / "Photos" / "microscopy_ground_truth.csv") as f:
     labels = {row[0].rsplit(".", 1)[0]: CLASS_NAMES.index(row[1]) for row in csv.reader(f) if row[1] in CLASS_NAMES}
-  assigned = common.stratified_split(labels, b.builder_config.split_fractions, b.builder_config.split_seed)
+  cfg = b.builder_config
+  assert cfg.split_scheme == "blocks" and b.info.metadata["config"]["block_size"] == 5
+  ranges = {"train": range(1, 36), "validation": range(36, 41), "test": range(41, 51)}
+  assigned = {p: next(s for s, r in ranges.items() if int(p[-3:]) in r) for p in labels}
+  assert assigned == common.block_split({p: (lab, int(p[-3:])) for p, lab in labels.items()},
+                                        cfg.split_fractions, cfg.block_size)
   photos = {split: collections.Counter(CLASS_NAMES[labels[p]] for p, s in assigned.items() if s == split)
             for split in meta}
   assert photos == {"train": dict.fromkeys(CLASS_NAMES, 35), "validation": dict.fromkeys(CLASS_NAMES, 5),
@@ -46,6 +53,11 @@ def test_bach_from_the_real_photos(tmp_path):
     assert all(assigned[p] == split for p in m["source_id"])
     assert built[split]["source_images"] == sum(photos[split].values())
     assert built[split]["images_without_tiles"] == built[split]["source_images"] - len(set(m["source_id"]))
+  # No block of 5 neighbouring numbers (one patient, mostly) has photos in two splits.
+  for prefix in ("n", "b", "is", "iv"):
+    for start in range(1, 51, 5):
+      block = {assigned[f"{prefix}{i:03d}"] for i in range(start, start + 5)}
+      assert len(block) == 1, f"{prefix}{start:03d}-{start + 4:03d} straddles {block}"
   ids = [set(m["source_id"]) for m in meta.values()]
   assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
   # 2048x1536 at 0.5 is 1024x768: 4x3 tiles of 256 per photo, each either kept or dropped.

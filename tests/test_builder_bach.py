@@ -33,10 +33,9 @@ def test_bach_archive_builds_and_reads_back(tmp_path):
     assert {tuple(c) for c in meta[split]["coords"]} == {(0, 0), (0, 32), (32, 0), (32, 32)}
   splits = [set(m["source_id"]) for m in meta.values()]
   assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
-  # The split is the shared per-photo helper's, reproducible from ids and labels alone.
-  labels = {sid: int(lab) for m in meta.values() for sid, lab in zip(m["source_id"], m["label"])}
-  expected = common.stratified_split(labels, BACH_CONFIG.split_fractions, BACH_CONFIG.split_seed)
-  assert all(expected[sid] == split for split, m in meta.items() for sid in m["source_id"])
+  # Patient-aware by default: photo numbers 001-003 train, 004 validation, 005 test in every class.
+  numbers = {split: {int(sid[-3:]) for sid in m["source_id"]} for split, m in meta.items()}
+  assert numbers == {"train": {1, 2, 3}, "validation": {4}, "test": {5}}
   example = ds["test"][0]
   assert example["image"].shape == (32, 32, 3) and example["original_split"] == b"train"
   built = b.info.metadata["splits"]
@@ -139,6 +138,74 @@ def test_stratified_split_is_exact_and_stable():
   assert split != common.stratified_split(labels, fractions, seed=1)
   with pytest.raises(ValueError, match="summing to 1"):
     common.stratified_split(labels, (("train", 0.7), ("test", 0.2)), seed=0)
+
+
+def _block_of(photos, block_size):
+  """(label, block index) of every id, blocks as photo_blocks cuts them."""
+  blocks = {}
+  for label in {lab for lab, _ in photos.values()}:
+    ordered = [sid for _, sid in sorted((n, sid) for sid, (lab, n) in photos.items() if lab == label)]
+    blocks.update({sid: (label, i) for i, block in enumerate(common.photo_blocks(ordered, block_size))
+                   for sid in block})
+  return blocks
+
+
+@pytest.mark.parametrize("n,block_size,sizes", [(50, 5, [5] * 10), (37, 5, [5] * 5 + [4] * 3), (4, 5, [4]),
+                                                (0, 5, []), (7, 1, [1] * 7)])
+def test_photo_blocks_are_consecutive_and_near_equal(n, block_size, sizes):
+  blocks = common.photo_blocks(list(range(n)), block_size)
+  assert [len(b) for b in blocks] == sizes
+  assert [x for b in blocks for x in b] == list(range(n))
+
+
+@pytest.mark.parametrize("per_class,block_size,expected", [
+    (50, 5, (35, 5, 10)), (100, 5, (70, 10, 20)), (37, 5, (25, 4, 8)), (50, 7, (32, 6, 12)), (3, 1, (2, 0, 1))])
+def test_block_split_keeps_every_block_in_one_split(per_class, block_size, expected):
+  fractions = (("train", 0.7), ("validation", 0.1), ("test", 0.2))
+  # Ids shuffled and prefixed per class as BACH names them; numbers start at 1.
+  photos = {f"{p}{i:03d}": (c, i) for c, p in enumerate(("n", "b", "is", "iv")) for i in range(1, per_class + 1)}
+  shuffled = dict(sorted(photos.items(), key=lambda kv: hash(kv[0]) % 97))
+  split = common.block_split(shuffled, fractions, block_size)
+  assert split == common.block_split(photos, fractions, block_size)  # order of the input does not matter
+  assert set(split) == set(photos)
+  by_block = {}
+  for sid, block in _block_of(photos, block_size).items():
+    by_block.setdefault(block, set()).add(split[sid])
+  assert all(len(s) == 1 for s in by_block.values()), "a block straddles two splits"
+  for c in range(4):
+    order = [split[sid] for sid, _ in sorted(((s, n) for s, (lab, n) in photos.items() if lab == c), key=lambda t: t[1])]
+    assert tuple(order.count(name) for name, _ in fractions) == expected
+    # Contiguous runs in the order given: train numbers < validation numbers < test numbers.
+    assert order == sorted(order, key=[name for name, _ in fractions].index)
+
+
+def test_block_split_errors_name_the_problem():
+  fractions = (("train", 0.8), ("test", 0.2))
+  with pytest.raises(ValueError, match="block_size"):
+    common.block_split({"n001": (0, 1)}, fractions, 0)
+  with pytest.raises(ValueError, match="share a number"):
+    common.block_split({"n001": (0, 1), "n01": (0, 1)}, fractions, 1)
+  with pytest.raises(ValueError, match="summing to 1"):
+    common.block_split({"n001": (0, 1)}, (("train", 0.5),), 1)
+  assert common.photo_number("is012") == 12
+  with pytest.raises(ValueError, match="photo number"):
+    common.photo_number("slide_a")
+
+
+def test_random_per_photo_split_stays_a_named_option(tmp_path):
+  import dataclasses
+  bach_archive(tmp_path / "raw")
+  config = dataclasses.replace(BACH_CONFIG, name="t32_photos", split_scheme="photos")
+  ds, b = build("bach", config, tmp_path / "raw", tmp_path / "data")
+  meta = metadata(ds)
+  labels = {sid: int(lab) for m in meta.values() for sid, lab in zip(m["source_id"], m["label"])}
+  expected = common.stratified_split(labels, config.split_fractions, config.split_seed)
+  assert all(expected[sid] == split for split, m in meta.items() for sid in m["source_id"])
+  assert b.info.metadata["config"]["split_scheme"] == "photos"
+  assert "x10_256_photos" in [c.name for c in tfds.builder_cls("bach").BUILDER_CONFIGS]
+  with pytest.raises(ValueError, match="split_scheme must be one of"):
+    build("bach", dataclasses.replace(BACH_CONFIG, name="t32_bad", split_scheme="patients"), tmp_path / "raw",
+          tmp_path / "data")
 
 
 def _prepare_cli(*args):

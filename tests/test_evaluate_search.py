@@ -30,7 +30,8 @@ def test_evaluate_writes_metrics_and_report(trained):
   written = json.loads((workdir / "eval" / "metrics.json").read_text())
   assert written == results
   for key in ("precision@5", "accuracy@10", "map@10", "majority_vote@5", "macro/precision@5",
-              "image_majority_vote@5", "eta_p@1", "eta_w@1", "eta_total@1", "pair_c_index", "pair_concordance"):
+              "image_majority_vote@5", "image_weighted_vote@5", "image_centroid_vote@5", "eta_p@1", "eta_w@1",
+              "eta_total@1", "pair_c_index", "pair_concordance"):
     assert 0.0 <= written[key] <= 1.0, key
   assert written["eta_total@1"] == pytest.approx(written["eta_p@1"] * written["eta_w@1"])
   assert written["num_query_images"] == 12 and written["num_pairs"] == 96  # 48 queries x (same + other)

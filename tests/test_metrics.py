@@ -162,6 +162,32 @@ def test_retrieval_metrics_with_k_larger_than_gallery():
   assert out["eta_p@1"] == pytest.approx(2 / 3) and out["eta_w@1"] == pytest.approx(0.75)
 
 
+def test_weighted_pooled_vote_trusts_close_matches():
+  # Photo "a": two tiles with far label-1 matches, one tile with close label-0 matches.
+  retrieved = np.array([[1, 1], [1, 1], [0, 0], [2, -1]])
+  scores = np.array([[0.1, 0.1], [0.1, 0.1], [0.9, 0.9], [0.5, -np.inf]])
+  groups = np.array(["a", "a", "a", "b"])
+  assert M.pooled_vote(retrieved, groups, 2)[1].tolist() == [1, 2]  # one vote per result: label 1 wins 4-2
+  ids, voted = M.weighted_pooled_vote(retrieved, scores, groups, 2)
+  assert ids.tolist() == ["a", "b"] and voted.tolist() == [0, 2]  # weights 0, 0 vs 0.8 + 0.8
+  assert M.weighted_pooled_vote(np.array([[-1]]), np.array([[-np.inf]]), np.array(["x"]), 1)[1].tolist() == [-1]
+
+
+def test_centroid_vote_ranks_whole_sources():
+  gallery = np.array([[1, 0], [0.8, 0.6], [0, 1], [0, 1], [-1, 0]], np.float64)
+  gallery_groups = np.array(["g1", "g1", "g2", "g2", "g3"])
+  gallery_labels = np.array([0, 0, 1, 1, 2])
+  ids, centroids = M.source_centroids(gallery, gallery_groups)
+  np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0)
+  np.testing.assert_allclose(centroids[1], [0, 1])
+  query = np.array([[0.2, 1], [0.1, 1], [-1, 0.1]])
+  q_ids, voted = M.centroid_vote(query, np.array(["q1", "q1", "q2"]), gallery, gallery_groups, gallery_labels, 1)
+  assert q_ids.tolist() == ["q1", "q2"] and voted.tolist() == [1, 2]
+  # A source is never its own neighbour when gallery and queries are one split.
+  _, self_voted = M.centroid_vote(gallery, gallery_groups, gallery, gallery_groups, gallery_labels, 1)
+  assert self_voted.tolist() == [1, 0, 1]  # g1 -> g2 (cosine 0.32 against -0.95), g2 -> g1, g3 -> g2
+
+
 def test_rank_sources_pools_each_tiles_best_hit_by_source():
   # 3 query tiles x top 3; gallery rows 0-1 are photo "a", 2 is "b", 3-4 are "c".
   source = np.array(["a", "a", "b", "c", "c"])

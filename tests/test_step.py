@@ -1,5 +1,7 @@
 """The jitted train step over the mesh: data parallelism must not change the math."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -86,6 +88,23 @@ def test_bf16_compute_keeps_fp32_params(devices):
   emb = step_lib.jit_embed(trainer)(state, mesh_lib.to_global(_batch(config), mesh)["image"])
   assert emb.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=1), 1.0, rtol=1e-3)
+
+
+def test_d8_embedding_does_not_move_with_orientation(devices):
+  config = tiny_config("")
+  mesh = mesh_lib.make_mesh(config.mesh, devices[:1])
+  trainer, state = step_lib.create(config, mesh)
+  images = _batch(config)["image"]
+  turned = np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2))[:, :, ::-1])  # a rotation and a flip
+  plain = step_lib.jit_embed(trainer)
+  single = np.asarray(plain(state, images)), np.asarray(plain(state, turned))
+  assert np.abs(single[0] - single[1]).max() > 1e-3  # one view's embedding does move
+  d8 = step_lib.jit_embed(dataclasses.replace(trainer, tta="d8"))
+  averaged = np.asarray(d8(state, images)), np.asarray(d8(state, turned))
+  np.testing.assert_allclose(averaged[0], averaged[1], atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(averaged[0], axis=1), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match="eval.tta must be one of"):
+    step_lib.jit_embed(dataclasses.replace(trainer, tta="d4"))(state, images)
 
 
 def test_create_builds_once_and_the_abstract_trainer_builds_nothing(monkeypatch):

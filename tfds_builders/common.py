@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from histojax.data import images, tiling
+from histojax.data import images, stain, tiling
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 # Histology images are legitimately huge (BRACS RoIs pass 100 Mpx): archives get a
@@ -66,6 +66,7 @@ class TiledConfig(tfds.core.BuilderConfig):
   tissue_threshold: float | None = None  # saturation; None -> Otsu per image
   min_tissue_fraction: float = 0.5
   encoding: str = "png"  # "png" (lossless) or "jpeg" (quality 95, ~5x smaller)
+  stain: str | None = None  # "macenko": every image re-stained to one reference before tiling (histojax.data.stain)
 
   def image_spec(self) -> ImageSpec:
     tiles = None
@@ -76,8 +77,9 @@ class TiledConfig(tfds.core.BuilderConfig):
       raise ValueError(f"{self.name}: give either image_size or resize for whole images, not both")
     if self.encoding not in ("png", "jpeg"):
       raise ValueError(f"{self.name}: encoding must be 'png' or 'jpeg', got {self.encoding!r}")
+    stain.spec(self.stain)  # an unknown method fails here, before any image is read
     return ImageSpec(tiles, self.resize, tuple(self.image_size) if self.image_size else None,
-                     self.encoding)
+                     self.encoding, self.stain)
 
 
 @dataclasses.dataclass
@@ -94,6 +96,7 @@ class ImageSpec:
   resize: float
   image_size: tuple[int, int] | None
   encoding: str
+  stain: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +147,16 @@ def encode(array: np.ndarray, encoding: str) -> bytes:
   return buf.getvalue()
 
 
+def read_stained(path: str, spec: ImageSpec, max_pixels: int) -> np.ndarray:
+  """The decoded image, stain-normalised as the spec says (the query path makes the same call)."""
+  return stain.normalize(read_rgb(path, max_pixels), stain.spec(spec.stain))
+
+
 def _whole_image(path: str, spec: ImageSpec, max_pixels: int) -> bytes:
-  image = read_rgb(path, max_pixels)  # checks the file before the header is trusted below
+  image = read_stained(path, spec, max_pixels)  # checks the file before the header is trusted below
   header = images.probe(_readable(path), name=path)
-  untouched = header.format in ("JPEG", "PNG") and header.mode == "RGB" and header.orientation == 1
+  untouched = (header.format in ("JPEG", "PNG") and header.mode == "RGB" and header.orientation == 1
+               and spec.stain is None)
   if spec.image_size is None and spec.resize == 1.0 and untouched:
     return epath.Path(path).read_bytes()  # already RGB JPEG/PNG: keep the original bytes
   return encode(tiling.whole_image(image, spec.resize, spec.image_size), spec.encoding)
@@ -160,7 +169,7 @@ def prepare_source(source: SourceImage, spec: ImageSpec, max_pixels: int = MAX_P
       tiles = [(0, 0, _whole_image(source.path, spec, max_pixels))]
       dropped = 0
     else:
-      kept, dropped = tiling.tile_image(read_rgb(source.path, max_pixels), spec.tiles)
+      kept, dropped = tiling.tile_image(read_stained(source.path, spec, max_pixels), spec.tiles)
       tiles = [(t.y, t.x, encode(t.image, spec.encoding)) for t in kept]
   except CorruptImageError as e:
     return Prepared(source, [], 0, str(e))
@@ -224,10 +233,7 @@ def stratified_split(labels: dict[str, int], fractions: Sequence[tuple[str, floa
   Within each class the ids are sorted, permuted by a generator seeded with
   (seed, label), and cut by largest-remainder rounding of the fractions.
   """
-  names = [n for n, _ in fractions]
-  weights = np.array([f for _, f in fractions], np.float64)
-  if len(set(names)) != len(names) or (weights < 0).any() or abs(weights.sum() - 1.0) > 1e-6:
-    raise ValueError(f"split_fractions must name distinct splits with fractions summing to 1, got {fractions}")
+  names, weights = _check_fractions(fractions)
   by_class = collections.defaultdict(list)
   for source_id in sorted(labels):
     by_class[labels[source_id]].append(source_id)
@@ -239,6 +245,67 @@ def stratified_split(labels: dict[str, int], fractions: Sequence[tuple[str, floa
     for name, part in zip(names, np.split(order, bounds)):
       assignment.update({ids[i]: name for i in part})
   return assignment
+
+
+def block_split(photos: dict[str, tuple[int, int]], fractions: Sequence[tuple[str, float]],
+                block_size: int) -> dict[str, str]:
+  """source id -> split, whole blocks of neighbouring photo numbers per class.
+
+  `photos` maps a source id to (label, number). Within each class the photos are
+  sorted by number and cut into blocks of at most `block_size` consecutive
+  photos (`photo_blocks`); blocks, not photos, are dealt to the splits by
+  largest-remainder rounding of the fractions, as contiguous runs in the order
+  the fractions are given. Neighbouring numbers mostly come from one patient, so
+  a patient can only reach two splits where a run ends, and with the fractions
+  ordered train, validation, test the validation run stands between train and
+  test: a patient must span the whole validation run to leak into test. Needs no
+  seed: the same ids give the same split on every machine, for any count.
+  """
+  names, weights = _check_fractions(fractions)
+  if block_size < 1:
+    raise ValueError(f"block_size must be >= 1 photo, got {block_size}")
+  by_class = collections.defaultdict(list)
+  for source_id, (label, number) in photos.items():
+    by_class[label].append((number, source_id))
+  assignment = {}
+  for label, items in sorted(by_class.items()):
+    items.sort()
+    numbers = [n for n, _ in items]
+    if len(set(numbers)) != len(numbers):
+      raise ValueError(f"class {label}: two photos share a number: {sorted(n for n in numbers if numbers.count(n) > 1)[:5]}")
+    blocks = photo_blocks(items, block_size)
+    counts = _largest_remainder(len(blocks), weights)
+    run = iter(blocks)
+    for name, count in zip(names, counts):
+      for block in itertools.islice(run, int(count)):
+        assignment.update({source_id: name for _, source_id in block})
+  return assignment
+
+
+def photo_blocks(ordered: Sequence, block_size: int) -> list[list]:
+  """`ordered` cut into ceil(n / block_size) runs of near-equal size (sizes differ by at most one),
+  so no split is left a short remainder block: 37 photos in blocks of 5 -> 5,5,5,5,5,4,4,4."""
+  count = -(-len(ordered) // block_size)
+  bounds = np.cumsum([len(part) for part in np.array_split(np.arange(len(ordered)), count)]) if count else []
+  starts = [0, *bounds[:-1]]
+  return [list(ordered[a:b]) for a, b in zip(starts, bounds)]
+
+
+def photo_number(source_id: str) -> int:
+  """The trailing number of an id such as 'is012' -> 12 (archives number photos in acquisition order)."""
+  match = re.search(r"(\d+)$", source_id)
+  if match is None:
+    raise ValueError(f"source id {source_id!r} does not end in a photo number, so it cannot be split into "
+                     "blocks of neighbouring photos; use the per-photo split instead")
+  return int(match.group(1))
+
+
+def _check_fractions(fractions: Sequence[tuple[str, float]]) -> tuple[list[str], np.ndarray]:
+  names = [n for n, _ in fractions]
+  weights = np.array([f for _, f in fractions], np.float64)
+  if len(set(names)) != len(names) or (weights < 0).any() or abs(weights.sum() - 1.0) > 1e-6:
+    raise ValueError(f"split_fractions must name distinct splits with fractions summing to 1, got {fractions}")
+  return names, weights
 
 
 def _largest_remainder(n: int, weights: np.ndarray) -> np.ndarray:
@@ -408,5 +475,5 @@ def _corrupt_image_in(runner_error: str) -> str:
 
 def _config_record(cfg: TiledConfig) -> dict[str, Any]:
   fields = {f.name for f in dataclasses.fields(TiledConfig)} - {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
-  fields |= {"split_fractions", "split_seed"} & {f.name for f in dataclasses.fields(cfg)}
+  fields |= {"split_fractions", "split_seed", "split_scheme", "block_size"} & {f.name for f in dataclasses.fields(cfg)}
   return {name: getattr(cfg, name) for name in sorted(fields)}

@@ -2,8 +2,15 @@
 
 400 H&E photos of 2048x1536 px (0.42 um/px), 100 per class, labelled in
 `microscopy_ground_truth.csv`. The public set has no official split and no
-patient ids, so photos are split deterministically, stratified by class, with
-the fractions in the builder config; every tile of a photo stays in its
+patient ids, but photos with neighbouring numbers mostly come from one patient.
+So by default (`split_scheme="blocks"`) each class is cut into blocks of
+`block_size` consecutive photo numbers and whole blocks go to train, validation
+and test, in that order along the numbers (as eva and THUNDER split BACH by
+ranges of numbers): test then holds patients that train has not seen. The old
+random split per photo, stratified by class (`split_scheme="photos"`, config
+`x10_256_photos`), puts one patient's photos on both sides and overstates
+accuracy (measured: photo vote 0.74 on it against 0.34 on other patients'
+photos); it stays for comparison only. Every tile of a photo stays in its
 photo's split. The official files are `.tif`; `.tiff/.jpg/.jpeg/.png` copies
 are accepted and matched to the CSV by file stem.
 """
@@ -22,16 +29,25 @@ CLASS_NAMES = ("Normal", "Benign", "InSitu", "Invasive")
 GROUND_TRUTH = "microscopy_ground_truth.csv"
 
 
+SPLIT_SCHEMES = ("blocks", "photos")
+
+
 @dataclasses.dataclass
 class BachConfig(common.SplitConfig):
-  pass
+  split_scheme: str = "blocks"  # "blocks": patient-aware, by photo number; "photos": random per photo
+  block_size: int = 5  # photos per block: 50 per class -> 10 blocks -> 7/1/2; 100 -> 20 -> 14/2/4
 
 
 class Builder(common.TiledBuilder):
-  """ICIAR 2018 BACH microscopy photos, tiled; split per photo, stratified by class."""
+  """ICIAR 2018 BACH microscopy photos, tiled; split by blocks of neighbouring photo numbers per class."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "2.0.0": "Patient-aware split by default: blocks of 5 consecutive photo numbers per class, dealt to "
+               "train/validation/test as contiguous runs (70/10/20). The random per-photo split is "
+               "split_scheme='photos' (config x10_256_photos).",
+  }
   CLASS_NAMES = CLASS_NAMES
   HOMEPAGE = "https://iciar2018-challenge.grand-challenge.org/Dataset/"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -49,9 +65,16 @@ class Builder(common.TiledBuilder):
   # and glass stays below ~0.05).
   BUILDER_CONFIGS = [
       BachConfig(name="default", description="20x (0.42 um/px), 224 px tiles, tissue = saturation > 0.1 "
-                 "on half the tile; split 70/10/20 per photo.", tissue_threshold=0.1),
+                 "on half the tile; split 70/10/20 by blocks of 5 photo numbers.", tissue_threshold=0.1),
       BachConfig(name="x10_256", description="10x (resized by 0.5), 256 px tiles, tissue = saturation > 0.1 "
-                 "on half the tile; split 70/10/20 per photo.", patch_size=256, resize=0.5, tissue_threshold=0.1),
+                 "on half the tile; split 70/10/20 by blocks of 5 photo numbers.", patch_size=256, resize=0.5,
+                 tissue_threshold=0.1),
+      BachConfig(name="x5_64", description="5x (resized by 0.25, 1.68 um/px), 64 px tiles (107 um, 48 per "
+                 "photo), tissue = saturation > 0.1 on half the tile; split 70/10/20 by blocks of 5 photo "
+                 "numbers.", patch_size=64, resize=0.25, tissue_threshold=0.1),
+      BachConfig(name="x10_256_photos", description="x10_256 split 70/10/20 per photo at random, stratified "
+                 "by class: leaks patients across splits; for comparison only.", patch_size=256, resize=0.5,
+                 tissue_threshold=0.1, split_scheme="photos"),
   ]
 
   def _sources(self, manual_dir: epath.Path) -> list[common.SourceImage]:
@@ -70,12 +93,22 @@ class Builder(common.TiledBuilder):
       if path.parent.name != labels[stem]:
         raise self.layout_error(f"{path} lies in folder {path.parent.name} but {GROUND_TRUTH} labels it "
                                 f"{labels[stem]}; fix the file or the CSV")
-    cfg = self.builder_config
-    splits = common.stratified_split({stem: CLASS_NAMES.index(labels[stem]) for stem in labels},
-                                     cfg.split_fractions, cfg.split_seed)
+    splits = self._split({stem: CLASS_NAMES.index(labels[stem]) for stem in labels})
     return [common.SourceImage(path=str(files[stem]), label=CLASS_NAMES.index(labels[stem]), source_id=stem,
                                split=splits[stem], original_split="train")
             for stem in sorted(labels)]
+
+  def _split(self, labels: dict[str, int]) -> dict[str, str]:
+    cfg = self.builder_config
+    if cfg.split_scheme == "photos":
+      return common.stratified_split(labels, cfg.split_fractions, cfg.split_seed)
+    if cfg.split_scheme != "blocks":
+      raise ValueError(f"{self.name}/{cfg.name}: split_scheme must be one of {SPLIT_SCHEMES}, got {cfg.split_scheme!r}")
+    try:
+      photos = {stem: (label, common.photo_number(stem)) for stem, label in labels.items()}
+    except ValueError as e:
+      raise self.layout_error(str(e)) from e
+    return common.block_split(photos, cfg.split_fractions, cfg.block_size)
 
   def _photos_dir(self, manual_dir: epath.Path) -> epath.Path:
     for candidate in ("ICIAR2018_BACH_Challenge/Photos", "Photos", "."):
