@@ -334,7 +334,7 @@ def read_manifest(directory: epath.PathLike) -> dict:
     raise ValueError(f"{path}: index format version {manifest.get('format_version')!r}, this code reads "
                      f"{FORMAT_VERSION}; rebuild it with `python -m histojax.evaluate --workdir ...`")
   wrong = [f"{k}={manifest.get(k)!r}" for k, ok in (
-      ("mode", lambda v: v in ("exact", "adc", "brute_force", "tree_ah")),
+      ("mode", lambda v: v in ("exact", "adc", "brute_force", "ah", "tree_ah")),
       ("count", lambda v: isinstance(v, int) and v > 0), ("dim", lambda v: isinstance(v, int) and v > 0),
       ("params", lambda v: v is None or isinstance(v, dict))) if not ok(manifest.get(k))]
   if wrong:

@@ -36,9 +36,24 @@ def build_or_reuse_index(config, workdir: epath.Path, gallery: export.Export, k:
   # With PQ codes, 'auto' searches them (ADC); a float mode named in config uses the embeddings.
   idx = index.build(gallery.embeddings, config.eval.index, k=k, codes=gallery.codes, codebooks=gallery.codebooks)
   manifest = wanted
-  if jax.process_index() == 0:
+  if grown_by_hand(workdir / "index"):
+    # Cases a user added with `histojax index add` exist nowhere else: never
+    # overwrite them. Evaluation scores the export against this in-memory index.
+    monitor.info("warning: %s holds cases added with `histojax index add`; evaluation searched a fresh in-memory "
+                 "index of the export and left that folder as it is", workdir / "index")
+  elif jax.process_index() == 0:
     manifest = index.save(idx, workdir / "index", wanted, gallery.rows())
   return idx, manifest
+
+
+def grown_by_hand(directory: epath.Path) -> bool:
+  """True when the index folder was changed by `histojax index add|remove` (its manifest's growth log)."""
+  if not (directory / "manifest.json").exists():
+    return False
+  try:
+    return bool(index.read_manifest(directory).get("growth", {}).get("generation", 0))
+  except (ValueError, OSError):
+    return False  # a damaged manifest is rebuilt, as before
 
 
 def exclusion_keys(gallery: export.Export, query: export.Export, same_split: bool,

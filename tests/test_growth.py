@@ -213,3 +213,24 @@ def test_an_add_killed_mid_write_leaves_a_readable_index(tmp_path, where):
     assert index.load(directory)[0].size == 305
   fileio.recover_folder(directory)
   assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]  # nothing half-written left
+
+
+def test_evaluate_never_overwrites_an_index_grown_by_hand(tmp_path):
+  """`evaluate` rebuilds `<workdir>/index` when the export changed; cases added with
+  `index add` live only there, so a grown index is searched around, never replaced."""
+  from histojax import export, retrieval
+  from tests.conftest import tiny_config
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(40, 8)).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  gallery = export.Export(emb, np.arange(40) % 4, np.array([f"s{i // 4}" for i in range(40)]),
+                          np.zeros((40, 2), np.int32), {"step": 1, "fingerprint": "f", "dataset": "d", "split": "train"})
+  config = tiny_config("")
+  config.eval.index.mode = "exact"
+  idx = index.build(emb[:30], config.eval.index, k=5)
+  index.save(idx, tmp_path / "index", {"count": 30, "growth": {"generation": 1}},
+             {"label": gallery.label[:30], "source_id": gallery.source_id[:30], "coords": gallery.coords[:30]})
+  before = {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()}
+  found, _ = retrieval.build_or_reuse_index(config, tmp_path, gallery, 5)
+  assert found.size == 40  # evaluation searched the whole export
+  assert {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()} == before
