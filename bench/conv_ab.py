@@ -1,6 +1,6 @@
-"""Interleaved A/B of the training step: histojax.models.conv on (`fast`) and off (`lax`, HISTOJAX_CONV=lax).
+"""Interleaved A/B of the training step: histojax.models.conv on (`matmul`, HISTOJAX_CONV=matmul) and off (`lax`, HISTOJAX_CONV=lax).
 
-    REPS=3 python bench/conv_ab.py cpu|224 resnet|se_resnet|mixed_attention lax,fast [OUT.json]
+    REPS=3 python bench/conv_ab.py cpu|224 resnet|se_resnet|mixed_attention lax,matmul [OUT.json]
 
 Both steps are compiled first, then timed alternately, one step each per
 round, so a shared machine's load hits both alike (bench.train_step's

@@ -10,6 +10,14 @@ from jax import lax
 from histojax import models
 from histojax.models import conv as conv_lib
 
+
+@pytest.fixture(autouse=True)
+def matmul_gradients(monkeypatch):
+  """The rewrite is opt-in (conv.rewrite_active): every test here turns it on, or
+  comparing it against lax would compare lax against itself."""
+  monkeypatch.setenv("HISTOJAX_CONV", "matmul")
+  assert conv_lib.rewrite_active()
+
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 

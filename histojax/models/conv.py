@@ -33,8 +33,15 @@ _FEW_CHANNELS = 16  # below this many input channels one concatenated product be
 
 
 def rewrite_active() -> bool:
-  """On the CPU, unless HISTOJAX_CONV=lax asks for XLA's own lowering (benchmarks compare the two)."""
-  return jax.default_backend() == "cpu" and os.environ.get("HISTOJAX_CONV", "") != "lax"
+  """On the CPU only when HISTOJAX_CONV=matmul asks for it; off by default.
+
+  Off because, at the merge, training with it on a mesh of 8 CPU devices
+  stopped matching 1 device (tests/test_methods.py: ABE's second loss 0.794
+  against 0.884; XLA's lowering matches), while on one device its gradients
+  equal lax's (tests/test_conv.py). Until that is understood it is an opt-in
+  for single-device CPU benchmarks (bench/conv_ab.py, bench/train_step.py).
+  """
+  return jax.default_backend() == "cpu" and os.environ.get("HISTOJAX_CONV", "") == "matmul"
 
 
 def _nhwc_dims(dimension_numbers, ndim: int) -> bool:
