@@ -50,14 +50,20 @@ def test_eight_devices_equal_one_device(devices):
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   assert losses8[1] != losses8[0]  # the first update changed something
   # Parameters, batch-norm statistics and the momentum (the first gradient)
-  # after one update, each leaf to 1% of its own largest value: a per-device
-  # statistic or loss would be off by the size of the gradient itself. On this
-  # project's 2-core CPU the two meshes' convs (per-device batch 3 against 24)
-  # differ by up to 0.4% of the largest conv1 gradient on random pixels
-  # (gradients that are small sums of large, cancelling terms).
+  # after one update, each leaf to 1% of its own largest value. A per-device
+  # statistic or loss would move nearly every value by the size of the gradient
+  # itself. What the two meshes (per-device batch 3 against 24) legitimately
+  # differ by, measured on this project's 2-core CPU on random pixels: up to
+  # 0.4% of the largest conv1 gradient (small sums of large, cancelling terms),
+  # and a handful of values (3 of 36,864 in layer4's conv2) where an activation
+  # within rounding of zero falls on the other side of a ReLU. So at most 0.1%
+  # of a leaf's values may fall outside the tolerance.
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state8), jax.tree.leaves(state1)):
-    scale = float(np.max(np.abs(b))) if np.size(b) else 0.0
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 + 1e-2 * scale, err_msg=jax.tree_util.keystr(path))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    far = np.abs(a - b) > 1e-6 + 1e-2 * (float(np.max(np.abs(b))) if b.size else 0.0)
+    assert np.mean(far) <= 1e-3 if far.size else True, (
+        f"{jax.tree_util.keystr(path)}: {int(far.sum())} of {far.size} values differ; max |diff| "
+        f"{float(np.max(np.abs(a - b))):.3g}")
 
 
 def test_metrics_carry_loss_and_norms(devices):
