@@ -1,12 +1,14 @@
 """Every objective trains over the mesh: 8 devices = 1 device, and the loss falls."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
+from histojax import pq
 from histojax import step as step_lib
 from histojax.data import pipeline, sources
 from histojax.objectives import byol
@@ -127,8 +129,10 @@ def test_spq_codes_shape_and_bits(devices, tissue_batches):
   trainer, state = step_lib.create(config, mesh)
   model = nnx.merge(trainer.graphdef, state)[0]
   model.eval()
-  codes = trainer.objective.encode(model, tissue_batches[0][0])
-  assert codes.shape == (24, 4) and codes.dtype == np.int32
+  books, metric = trainer.objective.codebooks(model)  # the PQ hook export reads
+  embeddings = np.asarray(model(jnp.asarray(tissue_batches[0][0])))
+  codes = pq.encode(embeddings, np.asarray(books), metric)
+  assert codes.shape == (24, 4) and np.issubdtype(codes.dtype, np.integer)
   assert model.quantizer.bits == 4 * 4  # 4 codebooks of 16 codewords
   assert int(codes.max()) < 16
 
