@@ -158,5 +158,7 @@ def test_png_bomb_refused_fast_in_little_memory(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "20000 x 20000 = 400,000,000 pixels is over the limit" in result["outcome"], result
     assert result["seconds"] < 2.0, result
-    assert result["ru_maxrss_mb"] < 1024 and result["vm_hwm_mb"] < 1024, result
+    # VmHWM only: Linux keeps ru_maxrss across fork+exec, so under a large pytest parent
+    # (2.8 GB in CI) it reports the parent's peak, not this process's.
+    assert 0 < result["vm_hwm_mb"] < 1024, result
     print(entry, result)
