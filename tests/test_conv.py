@@ -93,5 +93,16 @@ def test_resnet_gradients_match_the_lax_model(monkeypatch):
   ours = grads()
   monkeypatch.setenv("HISTOJAX_CONV", "lax")  # XLA's own lowering, as on accelerators
   ref = grads()
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+  # Judged per leaf against the leaf's own scale: train-mode BN on a batch of 4
+  # amplifies float32 summation-order noise in small elements (CI saw 4 of 1,176
+  # elements of one leaf 2% off elementwise, 1.3e-4 absolute), while every leaf
+  # stays within 2.2e-4 of its largest gradient (measured). A wrong tap, a tie
+  # sent to the wrong pixel or a missing term is off by a whole share, i.e. by
+  # 1e-2..1 of the scale, so 2e-3 still fails on those.
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(ours)]
+  for path, a, b in zip(paths, jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = float(np.abs(b).max())
+    assert scale > 0, f"{path}: zero gradient in the lax model (the test would not see errors)"
+    err = float(np.abs(a - b).max()) / scale
+    assert err <= 2e-3, f"{path}: off by {err:.2e} of its scale"
