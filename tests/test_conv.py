@@ -13,8 +13,8 @@ from histojax.models import conv as conv_lib
 
 @pytest.fixture(autouse=True)
 def matmul_gradients(monkeypatch):
-  """The rewrite is opt-in (conv.rewrite_active): every test here turns it on, or
-  comparing it against lax would compare lax against itself."""
+  """The rewrite is the CPU default (conv.rewrite_active); set explicitly so an
+  HISTOJAX_CONV=lax in the environment cannot make this compare lax with itself."""
   monkeypatch.setenv("HISTOJAX_CONV", "matmul")
   assert conv_lib.rewrite_active()
 
@@ -106,3 +106,4 @@ def test_resnet_gradients_match_the_lax_model(monkeypatch):
     assert scale > 0, f"{path}: zero gradient in the lax model (the test would not see errors)"
     err = float(np.abs(a - b).max()) / scale
     assert err <= 2e-3, f"{path}: off by {err:.2e} of its scale"
+

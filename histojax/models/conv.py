@@ -33,15 +33,14 @@ _FEW_CHANNELS = 16  # below this many input channels one concatenated product be
 
 
 def rewrite_active() -> bool:
-  """On the CPU only when HISTOJAX_CONV=matmul asks for it; off by default.
+  """On the CPU by default; HISTOJAX_CONV=lax turns it off (XLA's own lowering, for A/B runs).
 
-  Off because, at the merge, training with it on a mesh of 8 CPU devices
-  stopped matching 1 device (tests/test_methods.py: ABE's second loss 0.794
-  against 0.884; XLA's lowering matches), while on one device its gradients
-  equal lax's (tests/test_conv.py). Until that is understood it is an opt-in
-  for single-device CPU benchmarks (bench/conv_ab.py, bench/train_step.py).
+  It was opt-in for a while: training on a mesh of 8 CPU devices stopped
+  matching 1 device (tests/test_methods.py: ABE's second loss 0.869 against
+  0.723). The cause was the pool's backward, which matched taps against the
+  forward's maximum for equality; see `_max_pool_fwd`. Fixed, it is on again.
   """
-  return jax.default_backend() == "cpu" and os.environ.get("HISTOJAX_CONV", "") == "matmul"
+  return jax.default_backend() == "cpu" and os.environ.get("HISTOJAX_CONV", "matmul") != "lax"
 
 
 def _nhwc_dims(dimension_numbers, ndim: int) -> bool:
@@ -82,9 +81,9 @@ def _pointwise(x, w, strides, padding, precision):
   return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
 
 
-def _windows(x, kernel_hw, strides, padding, out_hw):
+def _windows(x, kernel_hw, strides, padding, out_hw, pad_value=0):
   """The input window under each kernel tap: k*k arrays shaped like the output, channels of x."""
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=pad_value)
   (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
   return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
           for i in range(kh) for j in range(kw)]
@@ -153,34 +152,41 @@ def _max_pool(x, window, strides, padding):
 
 
 def _max_pool_fwd(x, window, strides, padding):
-  out = _reduce_max(x, window, strides, padding)
-  return out, (x, out)
+  # The maximum and the tap that holds it come from one running comparison,
+  # never from testing taps for equality with a maximum computed elsewhere: XLA
+  # may recompute the pool's input (e.g. BN + ReLU) in two fusions with
+  # different rounding, and then no tap equals `out` and the window's gradient
+  # is lost (seen on an 8-device CPU mesh: stem gradients 5% off).
+  # Strictly greater keeps the first maximum in row-major order, as
+  # select-and-scatter does (ties after a ReLU are common).
+  out_hw = tuple((x.shape[d + 1] + sum(padding[d]) - window[d]) // strides[d] + 1 for d in range(2))
+  taps = _windows(x, window, strides, padding, out_hw, pad_value=-jnp.inf)
+  out, first = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+  for t, tap in enumerate(taps[1:], start=1):
+    greater = tap > out
+    out, first = jnp.where(greater, tap, out), jnp.where(greater, jnp.int8(t), first)
+  return out, (x.shape, first)
 
 
 def _max_pool_bwd(window, strides, padding, residuals, dy):
-  x, out = residuals
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-  (ho, wo), (sh, sw) = out.shape[1:3], strides
+  x_shape, first = residuals
+  (ho, wo), (sh, sw) = first.shape[1:3], strides
+  padded_hw = (x_shape[1] + sum(padding[0]), x_shape[2] + sum(padding[1]))
   # The input splits into sh*sw phases (pixels with the same row and column
   # remainder); tap (i, j) feeds phase (i % sh, j % sw) at offset (i // sh, j // sw),
   # so every tap's share is a plain shifted pad and one interleave puts them back.
-  hq, wq = -(-xp.shape[1] // sh), -(-xp.shape[2] // sw)
-  phases = [[jnp.zeros((x.shape[0], hq, wq, x.shape[3]), dy.dtype) for _ in range(sw)] for _ in range(sh)]
+  hq, wq = -(-padded_hw[0] // sh), -(-padded_hw[1] // sw)
+  phases = [[jnp.zeros((x_shape[0], hq, wq, x_shape[3]), dy.dtype) for _ in range(sw)] for _ in range(sh)]
   taps = [(i, j) for i in range(window[0]) for j in range(window[1])]
-  # Which tap holds each window's first maximum (row-major), computed once.
-  first = jnp.full(out.shape, len(taps), jnp.int8)
-  for t, (i, j) in reversed(list(enumerate(taps))):
-    tap = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-    first = jnp.where(tap == out, jnp.int8(t), first)
   zero = jnp.zeros((), dy.dtype)
   for t, (i, j) in enumerate(taps):
     (di, a), (dj, b) = divmod(i, sh), divmod(j, sw)
     phases[a][b] = phases[a][b] + jnp.pad(jnp.where(first == t, dy, zero),
                                           ((0, 0), (di, hq - di - ho), (dj, wq - dj - wo), (0, 0)))
   dxp = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [N, hq, sh, wq, sw, C]
-  dxp = dxp.reshape(x.shape[0], hq * sh, wq * sw, x.shape[3])
+  dxp = dxp.reshape(x_shape[0], hq * sh, wq * sw, x_shape[3])
   (top, _), (left, _) = padding
-  return (dxp[:, top:top + x.shape[1], left:left + x.shape[2], :],)
+  return (dxp[:, top:top + x_shape[1], left:left + x_shape[2], :],)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
