@@ -8,7 +8,7 @@ cross-entropy on an auxiliary classifier over the first descriptor.
     python -m histojax.train --config configs/bach_cgd.py --workdir gs://BUCKET/bach_cgd
 
 Variants: cpu (~12 min on 2 cores, from the step rate), cpu_x5 (BACH at 5x, 64 px tiles, 450
-steps: the recipe measured on held-out patients, see the README), quickstart (synthetic, ~1 min),
+steps, D8 test-time averaging: the recipe measured on held-out patients, see the README), quickstart (synthetic, ~1 min),
 tiny (tests).
 """
 
@@ -38,5 +38,8 @@ def get_config(arg=None):
     c.total_steps, c.optimizer.warmup_steps, c.checkpoint.every_steps = 450, 50, 150
     c.augment.view1 = colour.view_defaults(jitter_prob=0.8, brightness=0.25, contrast=0.25, saturation=0.25,
                                            hue=0.05, hed_prob=0.8, hed_scale=0.2, grayscale_prob=0.1)
+    # Gallery and queries embedded as the mean over the 8 flips/rotations: on the validation
+    # photos P@5 0.33 -> 0.43 and majority vote@5 0.34 -> 0.46 in each of 3 seeds (README).
+    c.eval.tta = "d8"
   synthetic_sizes(c, v, embed_dim={"quickstart": 192, "tiny": 48})
   return c
