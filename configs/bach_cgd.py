@@ -8,8 +8,8 @@ cross-entropy on an auxiliary classifier over the first descriptor.
     python -m histojax.train --config configs/bach_cgd.py --workdir gs://BUCKET/bach_cgd
 
 Variants: cpu (~12 min on 2 cores, from the step rate), cpu_x5 (BACH at 5x, 64 px tiles, 450
-steps, D8 test-time averaging: the recipe measured on held-out patients, see the README), quickstart (synthetic, ~1 min),
-tiny (tests).
+steps, D8 test-time averaging: the recipe measured on held-out patients, see the README),
+quickstart (synthetic, ~1 min), tiny (tests).
 """
 
 from configs.common import supervised_bach, supervised_bach_on_cpu, synthetic_sizes

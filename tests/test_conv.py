@@ -99,11 +99,9 @@ def test_resnet_gradients_match_the_lax_model(monkeypatch):
   # stays within 2.2e-4 of its largest gradient (measured). A wrong tap, a tie
   # sent to the wrong pixel or a missing term is off by a whole share, i.e. by
   # 1e-2..1 of the scale, so 2e-3 still fails on those.
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(ours)]
-  for path, a, b in zip(paths, jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    a, b = np.asarray(a), np.asarray(b)
+  for (key, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref)):
+    path, a, b = jax.tree_util.keystr(key), np.asarray(a), np.asarray(b)
     scale = float(np.abs(b).max())
     assert scale > 0, f"{path}: zero gradient in the lax model (the test would not see errors)"
     err = float(np.abs(a - b).max()) / scale
     assert err <= 2e-3, f"{path}: off by {err:.2e} of its scale"
-
