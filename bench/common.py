@@ -41,10 +41,15 @@ PEAK_FLOPS = {
 }
 
 
-def flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled function, from XLA's cost analysis (None if the backend has none)."""
+def flops(lowered) -> float | None:
+  """Model FLOPs of one call, from XLA's cost analysis of the program as lowered (None if the backend has none).
+
+  Counted before the backend compiles it: on a GPU the compiled program's convolutions are cuDNN
+  custom calls that the analysis does not count (ResNet-50's step read 0.42 GFLOP per image there
+  instead of ~25); on the CPU the two counts agree within 3%.
+  """
   try:
-    cost = compiled.cost_analysis()
+    cost = lowered.cost_analysis()
   except Exception:  # noqa: BLE001  (some backends raise instead of returning nothing)
     return None
   if isinstance(cost, (list, tuple)):

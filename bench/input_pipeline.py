@@ -2,11 +2,13 @@
 
     python -m bench.input_pipeline [--configs configs/bach_dml.py:cpu,...] [--workers 0,1,2]
                                    [--batches 20] [--dataset bach/x10_256 --data_dir DIR]
-                                   [--consumption_steps 3] [--out FILE]
+                                   [--consumption_steps 3] [--decode once,every_read] [--out FILE]
 
 The pipeline is `histojax.data.pipeline.train_dataset` as training builds
-it: read an encoded tile, decode it, crop (random or random-resized) and
-flip/rot90 every view on the host, batch. Its source is the prepared TFDS
+it: read a tile (decoded once into memory when the split fits
+`input.decoded_cache_gb`, else decoded on every read; `--decode` times
+either), crop (random or random-resized) and flip/rot90 every view on the
+host, batch. Its source is the prepared TFDS
 split when `--dataset` is given, else tiles made here in memory: smooth
 stain-coloured fields with nuclei, PNG-encoded as the builders encode them
 (compress level 1) at the `:cpu` datasets' tile size (256 px), so decode
@@ -53,19 +55,35 @@ def synthetic_tiles(count: int, size: int = 256, classes: int = 4, seed: int = 0
   return tiles
 
 
-def delivery(source, labels, input_config, views: int, workers: int, batches: int) -> dict:
-  """Examples/s out of the pipeline after a warm-up batch (workers started, buffers full)."""
+# How tiles are decoded: "once" is the config's own budget (input.decoded_cache_gb: the split
+# decoded once into memory when it fits, histojax/data/decoded.py); "every_read" turns that off.
+DECODE = {"once": None, "every_read": 0.0}
+
+
+def delivery(source, labels, input_config, views: int, workers: int, batches: int, decode: str = "once") -> dict:
+  """Examples/s out of the pipeline in its steady state.
+
+  Each worker assembles whole batches, so right after start-up `workers` batches arrive at
+  once: a short timing then measures that burst (8 workers once read 18,720 images/s for
+  10 batches of 256 on a host whose single core makes 557). Hence a warm-up of 2 batches per
+  worker and at least 8 timed batches per worker.
+  """
   cfg = input_config.copy_and_resolve_references()
   cfg.num_workers = workers
+  if DECODE[decode] is not None:
+    cfg.decoded_cache_gb = DECODE[decode]
+  warmup, batches = max(1, 2 * workers), max(batches, 8 * workers)
   it = iter(pipeline.train_dataset(source, labels, cfg, seed=0, views=views))
-  next(it)
+  for _ in range(warmup):
+    next(it)
   start = time.perf_counter()
   for _ in range(batches):
     batch = next(it)
   seconds = time.perf_counter() - start
   key = "image" if views == 1 else "view1"
   assert batch[key].shape == (cfg.batch_size, cfg.image_size, cfg.image_size, 3), batch[key].shape
-  return {"workers": workers, "batches": batches, "examples_per_sec": round(batches * cfg.batch_size / seconds, 1)}
+  return {"decode": decode, "workers": workers, "warmup_batches": warmup, "batches": batches,
+          "examples_per_sec": round(batches * cfg.batch_size / seconds, 1)}
 
 
 def load_config(spec: str):
@@ -81,7 +99,8 @@ def consumption(config, steps: int) -> float | None:
   return train_step.measure(config.copy_and_resolve_references(), steps)["images_per_sec"]
 
 
-def run(configs, workers, batches: int, dataset: str, data_dir: str, consumption_steps: int) -> dict:
+def run(configs, workers, batches: int, dataset: str, data_dir: str, consumption_steps: int,
+        decodes=("once",)) -> dict:
   if dataset:
     from histojax.data import sources  # noqa: PLC0415
     source = sources.open_split(dataset, "train", data_dir)
@@ -95,9 +114,9 @@ def run(configs, workers, batches: int, dataset: str, data_dir: str, consumption
   for spec in configs:
     config = load_config(spec)
     views = 2 if config.objective.name in ("byol", "spq") else 1
-    by_workers = [delivery(source, labels, config.input, views, w, batches) for w in workers]
+    by_workers = [delivery(source, labels, config.input, views, w, batches, d) for d in decodes for w in workers]
     consumed = consumption(config, consumption_steps)
-    best = max(r["examples_per_sec"] for r in by_workers)
+    best = max(r["examples_per_sec"] for r in by_workers if r["decode"] == decodes[0])  # the first is judged
     rows.append({"config": spec, "batch": config.input.batch_size, "image_size": config.input.image_size,
                  "crop": config.input.crop, "views": views, "delivered": by_workers,
                  "step_consumes_examples_per_sec": consumed,
@@ -112,7 +131,7 @@ def main(argv):
   del argv
   F = flags.FLAGS
   result = run(F.configs.split(","), [int(w) for w in F.workers.split(",")], F.batches, F.dataset, F.data_dir,
-               F.consumption_steps)
+               F.consumption_steps, tuple(F.decode.split(",")))
   common.write("input_pipeline", result, F.out, quiet=True)
 
 
@@ -120,9 +139,12 @@ if __name__ == "__main__":
   flags.DEFINE_string("configs", "configs/bach_dml.py:cpu,configs/bach_cgd.py:cpu,configs/bach_spq.py:cpu,"
                       "configs/bach_byol.py:cpu", "Comma-separated config[:variants] whose input to time.")
   flags.DEFINE_string("workers", "0,1,2", "Grain worker counts to try (0: the main process).")
-  flags.DEFINE_integer("batches", 20, "Timed batches per worker count, after one warm-up batch.")
+  flags.DEFINE_integer("batches", 20, "Timed batches per worker count (at least 8 per worker), after a warm-up "
+                       "of 2 per worker.")
   flags.DEFINE_string("dataset", "", "TFDS name of a prepared dataset to read (default: tiles made in memory).")
   flags.DEFINE_string("data_dir", "", "TFDS data_dir of --dataset.")
   flags.DEFINE_integer("consumption_steps", 3, "Timed steps to measure each config's consumption (0: skip).")
+  flags.DEFINE_string("decode", "once", "Comma-separated: once (the config's decoded cache) and/or every_read; "
+                      "the verdict judges the first.")
   flags.DEFINE_string("out", None, "JSON path; default bench/results/input_pipeline.json.")
   app.run(main)

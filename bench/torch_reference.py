@@ -103,7 +103,8 @@ class Embedder(nn.Module):
     self.proj = nn.Linear(cin, embed_dim) if embed_dim else None
 
   def forward(self, images_nhwc_uint8):
-    x = (images_nhwc_uint8.permute(0, 3, 1, 2).float() - _MEAN) / _STD
+    x = images_nhwc_uint8.permute(0, 3, 1, 2).float()
+    x = (x - _MEAN.to(x.device)) / _STD.to(x.device)
     x = self.stage1_3(self.stem(x))
     if self.mask is not None:
       x = x * self.mask(x)
@@ -125,7 +126,7 @@ def multi_similarity_loss(emb, labels, alpha=2.0, beta=5.0, base=0.5, epsilon=0.
   sim = emb @ emb.T
   n = sim.shape[0]
   same = labels[:, None] == labels[None, :]
-  pos = same & ~torch.eye(n, dtype=torch.bool)
+  pos = same & ~torch.eye(n, dtype=torch.bool, device=sim.device)
   neg = ~same
   hardest_pos = torch.where(pos, sim, torch.full_like(sim, torch.inf)).min(1, keepdim=True).values
   hardest_neg = torch.where(neg, sim, torch.full_like(sim, -torch.inf)).max(1, keepdim=True).values
@@ -141,16 +142,25 @@ def parameter_count(model: nn.Module) -> int:
   return sum(p.numel() for p in model.parameters())
 
 
-def make_step(model: nn.Module, lr: float = 0.01, channels_last: bool = False):
-  """A closure running one SGD update on (uint8 NHWC images, int labels); returns the loss."""
+def make_step(model: nn.Module, lr: float = 0.01, channels_last: bool = False,
+              autocast: torch.dtype | None = None):
+  """A closure running one SGD update on (uint8 NHWC images, int labels); returns the loss.
+
+  The model may live on a GPU (images and labels must be on its device). `autocast` (e.g.
+  torch.bfloat16) runs the network in that precision, as AMP training does; the loss is
+  computed in float32 either way.
+  """
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
   optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+  device_type = next(model.parameters()).device.type
   model.train()
 
   def step(images, labels):
     optimizer.zero_grad(set_to_none=True)
-    loss = multi_similarity_loss(model(images), labels)
+    with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+      embeddings = model(images)
+    loss = multi_similarity_loss(embeddings.float(), labels)
     loss.backward()
     optimizer.step()
     return loss.detach()

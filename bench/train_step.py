@@ -48,7 +48,8 @@ def measure(config, steps: int) -> dict:
   start = time.perf_counter()
   views = trainer.objective.views
   spec = step_lib.batch_spec(config, views)
-  compiled = step_lib.jit_train_step(trainer, state).lower(state, spec, jax.eval_shape(lambda: rng)).compile()
+  lowered = step_lib.jit_train_step(trainer, state).lower(state, spec, jax.eval_shape(lambda: rng))
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   r = np.random.default_rng(0)
   batch = {name: r.integers(0, 256, (b, s, s, 3), dtype=np.uint8) for name in spec if name != "label"}
@@ -63,7 +64,7 @@ def measure(config, steps: int) -> dict:
       state, metrics = compiled(state, batch, rng)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
-  flops = common.flops(compiled)
+  flops = common.flops(lowered)
   images_per_sec = b / statistics.median(times)
   return {"objective": config.objective.name, "model": config.model.to_dict(), "global_batch": b, "image_size": s,
           "devices": mesh.size, "compile_seconds": round(compile_s, 2), "steps": steps,
@@ -74,34 +75,43 @@ def measure(config, steps: int) -> dict:
           "memory": step_lib.compile_report(compiled)}
 
 
-def dml_config(backbone: str, size: str):
-  """configs/bach_dml.py for `backbone` at `size` ("224" or "cpu"), as the PyTorch reference trains it."""
+def dml_config(backbone: str, size: str, batch: int = 32):
+  """configs/bach_dml.py for `backbone` at `size` ("224" or "cpu"), as the PyTorch reference trains it
+  (SGD; `batch` images of 4 classes at the pixel sizes; the `:cpu` variant keeps its own batch)."""
   variants = f"backbone={backbone}" + (",cpu" if size == "cpu" else "")
   c = importlib.import_module("configs.bach_dml").get_config(variants)
   c.optimizer.name = "sgd"
   if size != "cpu":
-    c.input.batch_size, c.input.m_per_class, c.input.image_size = 32, 8, int(size)
+    c.input.batch_size, c.input.m_per_class, c.input.image_size = batch, batch // 4, int(size)
   return c
 
 
 def measure_torch(config, steps: int) -> dict:
+  """The PyTorch reference's step for `config`'s network and batch: on the GPU when torch sees
+  one (channels-last, bf16 autocast where the config computes in bf16, as AMP training runs),
+  else on all CPU threads in float32."""
   import torch  # noqa: PLC0415  (optional: requirements-bench.txt)
 
   from bench import torch_reference  # noqa: PLC0415
   torch.set_num_threads(os.cpu_count())
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  on_gpu = device.type == "cuda"
+  autocast = torch.bfloat16 if on_gpu and config.model.dtype == "bfloat16" else None
   m, b, s = config.model, config.input.batch_size, config.input.image_size
-  model = torch_reference.Embedder(m.name, m.depth, m.width, m.embed_dim)
-  step = torch_reference.make_step(model, lr=config.optimizer.lr)
+  model = torch_reference.Embedder(m.name, m.depth, m.width, m.embed_dim).to(device)
+  step = torch_reference.make_step(model, lr=config.optimizer.lr, channels_last=on_gpu, autocast=autocast)
   r = np.random.default_rng(0)
-  images = torch.from_numpy(r.integers(0, 256, (b, s, s, 3), dtype=np.uint8))
-  labels = torch.from_numpy(np.repeat(np.arange(b // config.input.m_per_class), config.input.m_per_class))
+  images = torch.from_numpy(r.integers(0, 256, (b, s, s, 3), dtype=np.uint8)).to(device)
+  labels = torch.from_numpy(np.repeat(np.arange(b // config.input.m_per_class), config.input.m_per_class)).to(device)
   step(images, labels)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    step(images, labels)
+    step(images, labels).item()  # .item() waits for the device, as block_until_ready does on ours
     times.append(time.perf_counter() - start)
-  return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+  return {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+          "threads": torch.get_num_threads(), "channels_last": on_gpu,
+          "autocast": None if autocast is None else str(autocast),
           "parameters": torch_reference.parameter_count(model),
           "seconds_per_step": [round(t, 3) for t in times],
           "images_per_sec": round(b / statistics.median(times), 2)}
@@ -117,11 +127,11 @@ def _with_lax_convolutions(fn):
     os.environ.pop("HISTOJAX_CONV") if before is None else os.environ.__setitem__("HISTOJAX_CONV", before)
 
 
-def against_torch(backbones, sizes, steps: int, repeats: int, baseline: bool = False) -> dict:
+def against_torch(backbones, sizes, steps: int, repeats: int, baseline: bool = False, batch: int = 32) -> dict:
   rows = []
   for size in sizes:
     for backbone in backbones:
-      config = dml_config(backbone, size)
+      config = dml_config(backbone, size, batch)
       for _ in range(repeats):  # back to back, so both sides see the same load
         load = os.getloadavg()
         ours = measure(config.copy_and_resolve_references(), steps)
@@ -147,7 +157,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   if FLAGS.against == "torch":
     result = against_torch(FLAGS.backbones.split(","), FLAGS.sizes.split(","), FLAGS.steps, FLAGS.repeats,
-                           FLAGS.baseline)
+                           FLAGS.baseline, FLAGS.batch)
     common.write("train_step_vs_torch", result, FLAGS.out, quiet=True)
   else:
     common.write("train_step", measure(FLAGS.config, FLAGS.steps), FLAGS.out)
@@ -163,5 +173,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("repeats", 1, "With --against: back-to-back pairs per backbone and size.")
   flags.DEFINE_bool("baseline", False, "With --against: also time histojax with XLA's own convolution "
                     "gradients (HISTOJAX_CONV=lax), the step before histojax.models.conv.")
+  flags.DEFINE_integer("batch", 32, "With --against: the batch at pixel sizes (32: the paper's; 4 classes).")
   flags.DEFINE_string("out", None, "JSON path; default bench/results/train_step[_vs_torch].json.")
   app.run(main)

@@ -25,7 +25,7 @@ from etils import epath
 from histojax import checkpoint, datasets, distributed, export, fileio, metrics, monitor, pairs, report  # noqa: F401
 from histojax import config as config_lib
 from histojax import retrieval
-from histojax.data import pipeline, sources
+from histojax.data import images, sources
 
 
 def export_stage(config, workdir: epath.Path, trainer, state, step: int):
@@ -120,7 +120,7 @@ def image_reader(config):
   def read(split: str, row: int) -> np.ndarray:
     if split not in opened:
       opened[split] = sources.open_split(config.dataset.name, split, config.dataset.data_dir)
-    return pipeline.decode_image(opened[split][row]["image"])
+    return images.decode_example(opened[split][row]["image"])
   return read
 
 

@@ -10,7 +10,7 @@ from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import pq
 from histojax import step as step_lib
-from histojax.data import pipeline, sources
+from histojax.data import images as images_lib, sources
 from histojax.objectives import byol
 
 # (objective, model, head, model/head overrides)
@@ -49,7 +49,7 @@ def tissue_batches(tiny_data_dir):
   source = sources.open_split("synthetic_tissue/tiny", "train", tiny_data_dir)
   labels = sources.read_metadata(source)["label"]
   idx = np.concatenate([np.flatnonzero(labels == c)[:4] for c in range(6)])
-  images = np.stack([pipeline.decode_image(source[int(i)]["image"]) for i in idx])
+  images = np.stack([images_lib.decode_example(source[int(i)]["image"]) for i in idx])
   crops = [images[:, 8:40, 8:40], images[:, 20:52, 16:48]]
   return crops, labels[idx].astype(np.int32)
 

@@ -79,6 +79,14 @@ def read_image(source, *, max_pixels: int, name: str | None = None) -> np.ndarra
       im.close()
 
 
+def decode_example(data) -> np.ndarray:
+  """A dataset example's encoded image (PNG/JPEG/TIFF, as a builder wrote it) -> uint8 HxWx3,
+  under the archive limit (a dataset folder can come from elsewhere too); arrays pass through."""
+  if isinstance(data, np.ndarray):
+    return data
+  return read_image(bytes(data), max_pixels=DEFAULT_MAX_PIXELS["archive"], name="dataset example")
+
+
 def check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
   """Refuses an empty image or one over `max_pixels`, naming how to raise the limit."""
   width, height = size

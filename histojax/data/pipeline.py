@@ -14,15 +14,7 @@ import grain
 import numpy as np
 
 from histojax import preemption
-from histojax.data import augment, images, samplers
-
-
-def decode_image(data) -> np.ndarray:
-  """Encoded bytes (PNG/JPEG/TIFF, as a builder wrote them) -> uint8 HxWx3, through the
-  one decoder under the archive limit (a dataset folder can come from elsewhere too)."""
-  if isinstance(data, np.ndarray):
-    return data
-  return images.read_image(bytes(data), max_pixels=images.DEFAULT_MAX_PIXELS["archive"], name="dataset example")
+from histojax.data import augment, decoded, images, samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +23,7 @@ class _Read(grain.transforms.Map):
 
   def map(self, index):
     record = self.source[int(index)]
-    return {"image": decode_image(record["image"]), "label": np.int32(record["label"])}
+    return {"image": images.decode_example(record["image"]), "label": np.int32(record["label"])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +66,8 @@ def train_dataset(source, labels: np.ndarray, input_config, seed: int, process_i
   or {'view1', 'view2', 'label'} when `views` is 2."""
   cfg = input_config
   process = dict(process_index=process_index, process_count=process_count)
+  # Decoded once when it fits (decoded.py says why); same pixels, so the same stream.
+  source = decoded.decode_split(source, labels, cfg.get("decoded_cache_gb", 0.0)) or source
   if cfg.sampler == "m_per_class":
     order = samplers.MPerClassOrder(labels, cfg.batch_size, cfg.m_per_class, seed, **process)
   else:
@@ -104,7 +98,7 @@ class _EvalRead(grain.transforms.Map):
     if index < 0:  # padding row
       return {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
               "index": np.int32(-1), "mask": np.float32(0)}
-    image = augment.center_crop(decode_image(self.source[index]["image"]), self.image_size)
+    image = augment.center_crop(images.decode_example(self.source[index]["image"]), self.image_size)
     return {"image": image, "index": np.int32(index), "mask": np.float32(1)}
 
 
