@@ -4,6 +4,7 @@ import gc
 import io
 import os
 import pickle
+import types
 
 import numpy as np
 import PIL.Image
@@ -68,6 +69,11 @@ def test_mixed_shapes_or_over_budget_read_encoded_and_leave_nothing_behind(tmp_p
   same = [_png((32, 32, 3))] * 10
   assert decoded.decode_split(same, np.zeros(10), 10 * 32 * 32 * 3 / 2 ** 30 * 0.99) is None  # just over
   assert decoded.decode_split(same, np.zeros(10), 0.0) is None
+  monkeypatch.setattr(decoded.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=0, used=0, free=0))  # no room
+  assert decoded.decode_split(same, np.zeros(10), 1.0) is None
+  monkeypatch.undo()
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  monkeypatch.setattr(tempfile, "tempdir", None)
   assert os.listdir(tmp_path) == []
   fits = decoded.decode_split(same, np.zeros(10), 10 * 32 * 32 * 3 / 2 ** 30)
   assert fits is not None and fits.images.shape == (10, 32, 32, 3)
@@ -85,3 +91,16 @@ def test_workers_read_the_cache_like_the_main_process(tiny_data_dir):
   by_worker = _batches(source, labels, config, n=2)
   for want, got in zip(in_process, by_worker):
     np.testing.assert_array_equal(got["image"], want["image"])
+
+
+def test_a_full_temporary_folder_reads_encoded(tmp_path, monkeypatch):
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  import tempfile  # noqa: PLC0415
+  monkeypatch.setattr(tempfile, "tempdir", None)
+
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(np.lib.format, "open_memmap", full)
+  same = [_png((32, 32, 3))] * 10
+  assert decoded.decode_split(same, np.zeros(10), 1.0) is None
+  assert os.listdir(tmp_path) == []

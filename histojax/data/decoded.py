@@ -13,8 +13,8 @@ training streams do not change.
 
 The folder belongs to the process that built it and is removed when that
 object is collected or the process exits; copies in workers never remove it.
-A split whose tiles differ in shape, or that would not fit the budget, is
-read encoded as before.
+A split whose tiles differ in shape, that would not fit the budget, or that
+the temporary folder has no room for, is read encoded as before.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def decode_split(source, labels: np.ndarray, max_gb: float, threads: int | None 
   if max_gb <= 0 or n == 0:
     return None
   first = images_lib.decode_example(source[0]["image"])
-  if first.ndim != 3 or n * first.nbytes > max_gb * 2 ** 30:
+  size = n * first.nbytes
+  if first.ndim != 3 or size > max_gb * 2 ** 30 or shutil.disk_usage(tempfile.gettempdir()).free < 1.1 * size:
     return None
   folder = tempfile.mkdtemp(prefix="histojax_tiles_")  # mode 0700: nobody else can plant pixels
   path = os.path.join(folder, "images.npy")
@@ -88,6 +89,9 @@ def decode_split(source, labels: np.ndarray, max_gb: float, threads: int | None 
       uniform = all(pool.map(fill, range(0, n, 256)))
     images.flush()
     del images
+  except OSError:  # the temporary folder filled up meanwhile: read encoded, as without the cache
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
   except BaseException:
     shutil.rmtree(folder, ignore_errors=True)
     raise
