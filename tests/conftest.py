@@ -5,6 +5,7 @@ here before any test module imports jax.
 """
 
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -14,6 +15,13 @@ import pytest  # noqa: E402
 
 from histojax import datasets  # noqa: E402, F401  (registers the builders, as the entry points do)
 from histojax.data import sources  # noqa: E402
+
+# The real BACH photos (the official layout), when the machine has them: the location comes
+# from the environment, never from where this checkout happens to sit. `.ci/run` sets it.
+BACH = pathlib.Path(os.environ["HISTOJAX_BACH_DIR"]) if os.environ.get("HISTOJAX_BACH_DIR") else None
+if BACH is not None and not (BACH / "ICIAR2018_BACH_Challenge" / "Photos").is_dir():
+  raise RuntimeError(f"HISTOJAX_BACH_DIR={BACH} does not hold ICIAR2018_BACH_Challenge/Photos")
+NO_BACH = "real BACH photos not given: set HISTOJAX_BACH_DIR to the BACH folder (CI does)"
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""bach built from the 200 real BACH photos in ../shared/data/bach (beside the
-repository: CI has it, a fresh clone does not, and then this is skipped).
+"""bach built from the 200 real BACH photos in $HISTOJAX_BACH_DIR (CI sets it; without
+it this is skipped and says why).
 
 Uses the registered `x10_256` variant (10x, 256 px tiles): every photo is
 read, resized and filtered, with few enough tiles to stay quick. Checks the
@@ -9,7 +9,6 @@ patient-aware split: whole blocks of neighbouring photo numbers per split.
 import collections
 import csv
 import json
-import pathlib
 import time
 
 import numpy as np
@@ -17,14 +16,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from histojax.data import sources
+from tests.conftest import BACH, NO_BACH
 from tfds_builders import common
 from tfds_builders.bach.bach_dataset_builder import CLASS_NAMES
 
-BACH = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bach"
-
-
-@pytest.mark.skipif(not BACH.is_dir(), reason=f"real BACH photos not found at {BACH} (only CI and the "
-                    "project's machines have them)")
+@pytest.mark.skipif(BACH is None, reason=NO_BACH)
 def test_bach_from_the_real_photos(tmp_path):
   start = time.perf_counter()
   b = tfds.builder("bach/x10_256", data_dir=str(tmp_path), file_format="array_record", workers=2)

@@ -24,11 +24,10 @@ import pytest
 
 from histojax import growth, query, serve, train
 from histojax.data import sources
-from tests.conftest import tiny_config
+from tests.conftest import BACH, tiny_config
 from tfds_builders.synthetic_tissue import painter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACH = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bach"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -263,10 +262,10 @@ def _page_shows(page, answer: dict):
 def _queries_for_the_page(tmp_path):
   patch = tmp_path / "patch_lymphocytes.png"
   PIL.Image.fromarray(painter.paint_tissue(2, 77, 64)).save(patch)
-  photos = sorted((BACH / "ICIAR2018_BACH_Challenge" / "Photos" / "InSitu").glob("is0*.*")) if BACH.is_dir() else []
+  photos = sorted((BACH / "ICIAR2018_BACH_Challenge" / "Photos" / "InSitu").glob("is0*.*")) if BACH else []
   if photos:
     return [photos[0], patch]
-  synthetic = tmp_path / "photo_tumour.png"  # no BACH beside the repository: a large synthetic image
+  synthetic = tmp_path / "photo_tumour.png"  # no BACH photos given: a large synthetic image
   PIL.Image.fromarray(painter.paint_tissue(3, 78, 512)).save(synthetic)
   return [synthetic, patch]
 
