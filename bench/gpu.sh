@@ -11,7 +11,13 @@
 # 2. bench.input_pipeline: images/s the Grain pipeline delivers on this host by worker count, tiles
 #    decoded once into memory and decoded on every read, against what the ResNet-50 step consumes.
 # Packages the machine's image lacks travel as wheels: .whl (needed) and .whl2 (the pinned flax,
-# optax and orbax, used only when they import beside the machine's jax).
+# optax and orbax, used only when they import beside the machine's jax). Made on a machine with
+# the index (Python 3.12 machine there):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+#     ml-collections==1.1.0 dm-pix==0.4.5 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0
+#   (same into .whl2: flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8)
+# Without them the machine's own packages are used.
 set -u
 OUT=${OUT:-bench/results/gpu}
 PY=${PY:-python3}
