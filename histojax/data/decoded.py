@@ -60,8 +60,9 @@ class DecodedSplit:
 
 
 def decode_split(source, labels: np.ndarray, max_gb: float, threads: int | None = None) -> DecodedSplit | None:
-  """`source` decoded into a DecodedSplit, or None when it does not fit `max_gb` (0: never) or
-  its tiles differ in shape (then the caller reads it encoded)."""
+  """`source` decoded into a DecodedSplit, or None when it does not fit `max_gb` (0: never), the
+  temporary folder has no room for it, or its tiles differ in shape (then the caller reads it
+  encoded)."""
   n = len(source)
   if max_gb <= 0 or n == 0:
     return None
@@ -75,9 +76,9 @@ def decode_split(source, labels: np.ndarray, max_gb: float, threads: int | None 
     images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, *first.shape))
 
     def fill(start: int) -> bool:
-      stop = min(start + 256, n)
-      for i, record in zip(range(start, stop), source.__getitems__(list(range(start, stop)))
-                           if hasattr(source, "__getitems__") else (source[i] for i in range(start, stop))):
+      rows = list(range(start, min(start + 256, n)))
+      records = source.__getitems__(rows) if hasattr(source, "__getitems__") else [source[i] for i in rows]
+      for i, record in zip(rows, records):
         image = images_lib.decode_example(record["image"])
         if image.shape != first.shape:
           return False
