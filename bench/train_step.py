@@ -21,6 +21,7 @@ Sizes: `224` is the full network at 224 px; `cpu` is the `:cpu` variant
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import statistics
@@ -38,7 +39,32 @@ from histojax import step as step_lib
 BACKBONES = ("resnet", "se_resnet", "mixed_attention")
 
 
-def measure(config, steps: int) -> dict:
+@dataclasses.dataclass
+class CompiledStep:
+  """A config's train step compiled for the devices JAX sees, with a fixed synthetic batch to run it on."""
+  config: object
+  mesh: object
+  lowered: object
+  compiled: object
+  state: object
+  batch: dict
+  rng: object
+  compile_seconds: float
+
+  def run(self, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls, with the transfer guard on (the step must never touch the host)."""
+    times = []
+    with jax.transfer_guard("disallow"):
+      for _ in range(steps):
+        start = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def compile_step(config) -> CompiledStep:
+  """Compiles `config`'s train step and runs it once (the warm-up)."""
   b, s, m = config.input.batch_size, config.input.image_size, config.input.m_per_class
   # No dataset is read here: heads sized "by the dataset" (-1) get the batch's classes.
   config_lib.resolve_class_counts(config, b // m)
@@ -57,22 +83,23 @@ def measure(config, steps: int) -> dict:
   batch = mesh_lib.to_global(batch, mesh)
   state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
-  times = []
-  with jax.transfer_guard("disallow"):  # the step must never touch the host
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch, rng)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-  flops = common.flops(lowered)
+  return CompiledStep(config, mesh, lowered, compiled, state, batch, rng, compile_s)
+
+
+def measure(config, steps: int) -> dict:
+  step = compile_step(config)
+  times = step.run(steps)
+  b, mesh = config.input.batch_size, step.mesh
+  flops = common.flops(step.lowered)
   images_per_sec = b / statistics.median(times)
-  return {"objective": config.objective.name, "model": config.model.to_dict(), "global_batch": b, "image_size": s,
-          "devices": mesh.size, "compile_seconds": round(compile_s, 2), "steps": steps,
+  return {"objective": config.objective.name, "model": config.model.to_dict(), "global_batch": b,
+          "image_size": config.input.image_size,
+          "devices": mesh.size, "compile_seconds": round(step.compile_seconds, 2), "steps": steps,
           "seconds_per_step": [round(t, 3) for t in times],
           "steps_per_sec": round(1 / statistics.median(times), 3), "images_per_sec": round(images_per_sec, 2),
           "step_flops_per_image": None if flops is None else round(flops / b),
           **common.utilisation(flops, images_per_sec / b, mesh.size),
-          "memory": step_lib.compile_report(compiled)}
+          "memory": step_lib.compile_report(step.compiled)}
 
 
 def dml_config(backbone: str, size: str, batch: int = 32):

@@ -72,6 +72,9 @@ class Builder(common.TiledBuilder):
       BachConfig(name="x5_64", description="5x (resized by 0.25, 1.68 um/px), 64 px tiles (107 um, 48 per "
                  "photo), tissue = saturation > 0.1 on half the tile; split 70/10/20 by blocks of 5 photo "
                  "numbers.", patch_size=64, resize=0.25, tissue_threshold=0.1),
+      BachConfig(name="x2_5_64", description="2.5x (resized by 0.125, 3.36 um/px), 64 px tiles (215 um, 12 "
+                 "per photo), tissue = saturation > 0.1 on half the tile; split 70/10/20 by blocks of 5 photo "
+                 "numbers.", patch_size=64, resize=0.125, tissue_threshold=0.1),
       BachConfig(name="x5_64_macenko", description="x5_64 with every photo Macenko stain-normalised to "
                  "one reference before tiling (search re-stains queries the same way).", patch_size=64,
                  resize=0.25, tissue_threshold=0.1, stain="macenko"),
