@@ -32,12 +32,14 @@ def get_config(arg=None):
   if "cpu_x5" in v:
     # Measured on held-out patients (README, "BACH on patients it has never seen"): 5x context
     # in 64 px tiles seen at one scale in training and search (crops keep >= 64% of the tile,
-    # search takes all of it), strong colour and HED jitter, 450 steps.
+    # search takes all of it), 450 steps. Light colour and HED jitter: against the strong one
+    # (0.25 / hue 0.05, HED 0.2 on 80%, 10% grey) it won every validation metric over 3 seeds
+    # each (D8: P@5 0.461 +- 0.017 against 0.423 +- 0.010, photo vote 0.550 against 0.500).
     c.dataset.name = "bach/x5_64"
     c.input.image_size, c.input.crop_scale_min = 64, 0.64
     c.total_steps, c.optimizer.warmup_steps, c.checkpoint.every_steps = 450, 50, 150
-    c.augment.view1 = colour.view_defaults(jitter_prob=0.8, brightness=0.25, contrast=0.25, saturation=0.25,
-                                           hue=0.05, hed_prob=0.8, hed_scale=0.2, grayscale_prob=0.1)
+    c.augment.view1 = colour.view_defaults(jitter_prob=0.8, brightness=0.2, contrast=0.2, saturation=0.1,
+                                           hue=0.02, hed_prob=0.5, hed_scale=0.05, grayscale_prob=0.0)
     # Gallery and queries embedded as the mean over the 8 flips/rotations: on the validation
     # photos P@5 0.33 -> 0.43 and majority vote@5 0.34 -> 0.46 in each of 3 seeds (README).
     c.eval.tta = "d8"
