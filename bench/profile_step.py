@@ -112,6 +112,12 @@ def pass_of(op_name: str) -> str:
   return "other"
 
 
+def jax_op_of(op_name: str) -> str:
+  """The JAX primitive an instruction came from: the last part of its name, e.g. `select_n` of
+  `jit(step)/transpose(jvp())/select_n` (a fusion is named after its first named instruction)."""
+  return op_name.rsplit("/", 1)[-1] or "(none)"
+
+
 def kernel_events(trace_dir: str) -> list[dict]:
   """The complete events of a `jax.profiler.trace(..., create_perfetto_trace=True)` folder that
   name an HLO op (one per kernel run)."""
@@ -131,7 +137,7 @@ def attribute(events: list[dict], hlo: dict[str, dict], module: str, steps: int)
     if e["args"].get("hlo_module") == module:
       per_op[e["args"]["hlo_op"]] += e["dur"] * 1e-6 / steps
   total = sum(per_op.values())
-  by_kind, by_pass = collections.Counter(), collections.Counter()
+  by_kind, by_pass, by_jax_op = collections.Counter(), collections.Counter(), collections.Counter()
   unmatched = 0.0
   for name, seconds in per_op.items():
     inst = hlo.get(name)
@@ -140,6 +146,7 @@ def attribute(events: list[dict], hlo: dict[str, dict], module: str, steps: int)
       continue
     by_kind[kind_of(inst["opcodes"])] += seconds
     by_pass[pass_of(inst["op_name"])] += seconds
+    by_jax_op[f'{kind_of(inst["opcodes"])} {pass_of(inst["op_name"])} {jax_op_of(inst["op_name"])}'] += seconds
 
   def table(counter):
     return {k: {"seconds": round(v, 6), "share": round(v / total, 4) if total else None}
@@ -151,7 +158,7 @@ def attribute(events: list[dict], hlo: dict[str, dict], module: str, steps: int)
          for name, sec in per_op.most_common()]
   return {"kernel_seconds_per_step": round(total, 6), "kernels_per_step": len(per_op),
           "unmatched_seconds": round(unmatched, 6), "by_kind": table(by_kind), "by_pass": table(by_pass),
-          "top": top}
+          "by_jax_op": table(by_jax_op), "top": top}
 
 
 def profile(config, steps: int, top: int) -> dict:
@@ -185,6 +192,9 @@ def main(argv):
         f"kernels {result['kernel_seconds_per_step']} s/step over {result['kernels_per_step']} instructions")
   for title in ("by_kind", "by_pass"):
     print(title, {k: f"{v['seconds']:.3f} s ({v['share']:.0%})" for k, v in result[title].items()})
+  print("by kind, pass and JAX primitive:")
+  for key, v in list(result["by_jax_op"].items())[:FLAGS.top]:
+    print(f"{v['seconds']:8.4f} {v['share']:6.1%}  {key}")
   for row in result["top"]:
     print(f"{row['seconds']:8.4f} {row.get('kind', '?'):14} {row.get('pass', '?'):8} {row['hlo_op'][:40]:40} "
           f"{row.get('shape', '')[:40]:40} {row.get('op_name', '')[-70:]}")
