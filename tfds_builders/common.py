@@ -66,7 +66,7 @@ class TiledConfig(tfds.core.BuilderConfig):
   tissue_threshold: float | None = None  # saturation; None -> Otsu per image
   min_tissue_fraction: float = 0.5
   encoding: str = "png"  # "png" (lossless) or "jpeg" (quality 95, ~5x smaller)
-  stain: str | None = None  # "macenko": every image re-stained to one reference before tiling (histojax.data.stain)
+  stain: str | None = None  # "macenko" or "reinhard": every image re-stained to one reference before tiling (histojax.data.stain)
 
   def image_spec(self) -> ImageSpec:
     tiles = None

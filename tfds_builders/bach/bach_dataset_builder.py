@@ -78,6 +78,9 @@ class Builder(common.TiledBuilder):
       BachConfig(name="x5_64_macenko", description="x5_64 with every photo Macenko stain-normalised to "
                  "one reference before tiling (search re-stains queries the same way).", patch_size=64,
                  resize=0.25, tissue_threshold=0.1, stain="macenko"),
+      BachConfig(name="x5_64_reinhard", description="x5_64 with every photo's L*a*b* statistics (over its "
+                 "stained pixels) matched to one reference before tiling (Reinhard; search does the same to "
+                 "queries).", patch_size=64, resize=0.25, tissue_threshold=0.1, stain="reinhard"),
       BachConfig(name="x10_256_photos", description="x10_256 split 70/10/20 per photo at random, stratified "
                  "by class: leaks patients across splits; for comparison only.", patch_size=256, resize=0.5,
                  tissue_threshold=0.1, split_scheme="photos"),
