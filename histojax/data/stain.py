@@ -28,8 +28,8 @@ METHODS = ("macenko", "reinhard")
 # columns H and E in optical density per RGB channel, and their 99th-percentile concentrations.
 MACENKO_REFERENCE = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
 MACENKO_MAX_CONCENTRATION = (1.9705, 1.0308)
-# Pixels with optical density below `beta` in any channel are glass and do not
-# enter the stain estimate; fewer stained pixels than this leave the image as it is.
+# Pixels that `stained_pixels` leaves out (optical density below `beta`) do not enter the
+# estimate; fewer stained pixels than this leave the image as it is.
 MIN_STAINED_PIXELS = 1000
 # Reinhard's reference: L* (0-100), a*, b* mean and standard deviation over the tissue pixels,
 # the mean of those of the 140 BACH training photos (001-035 per class, patient-aware split).
