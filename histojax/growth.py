@@ -182,14 +182,15 @@ def maybe_rebalance(idx: index.Index, growth: dict, force: bool = False, added: 
   while the probe of the new rows stays below the bar. Records the probes in `growth`."""
   if idx.mode not in ("ah", "tree_ah"):
     return False
-  probe = probe_recall(idx, added) if added is not None and len(added) else None
+  probed = added is not None and len(added) > 0
+  probe = probe_recall(idx, added) if probed else None
   growth["last_probe_recall"] = None if probe is None else round(probe, 4)
   drifted = growth["changed_since_training"] >= fraction * growth["trained_rows"]
   if not (force or drifted or (probe is not None and probe < min_probe_recall)):
     return False
   for tries in range(1, REBALANCE_TRIES + 1):
     idx.searcher.rebalance()
-    after = probe_recall(idx, added) if added is not None and len(added) else None
+    after = probe_recall(idx, added) if probed else None
     if after is None or after >= min_probe_recall:
       break
   growth.update(trained_rows=idx.size, changed_since_training=0, rebalance_tries=tries,
