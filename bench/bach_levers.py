@@ -22,7 +22,7 @@ from absl import app, flags
 from etils import epath
 
 from histojax import config as config_lib
-from histojax import checkpoint, evaluate, export, metrics
+from histojax import checkpoint, evaluate, export, identity, metrics
 
 KS = (1, 5, 10)
 HEADLINE = ("precision@5", "map@10", "majority_vote@5", "image_majority_vote@5", "image_weighted_vote@5",
@@ -44,7 +44,7 @@ def exact_neighbors(gallery: export.Export, query: export.Export, k: int) -> tup
 def measure(workdir: epath.Path, splits, modes) -> dict:
   config = config_lib.load(workdir / "config.json")  # the run's own config, data_dir included
   trainer, state, step = checkpoint.restore_for_eval(config, workdir, None)
-  fp = export.fingerprint(trainer, state)
+  fp = identity.fingerprint(trainer, state)
   out = {"workdir": str(workdir), "step": step, "results": {}}
   for mode in modes:
     config.eval.tta = mode

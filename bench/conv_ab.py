@@ -6,7 +6,6 @@ Both steps are compiled first, then timed alternately, one step each per
 round, so a shared machine's load hits both alike (bench.train_step's
 --baseline times them one after the other instead).
 """
-import json
 import os
 import statistics
 import sys

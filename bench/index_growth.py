@@ -74,12 +74,13 @@ def at_scale(n: int, added: int = 1000, dim: int = 128, k: int = 10) -> dict:
   recall@10 (against exact search) of queries near the new rows, in-distribution and not."""
   import numpy as np  # noqa: PLC0415
 
-  from histojax import growth, index  # noqa: PLC0415
+  from histojax import indexing  # noqa: PLC0415
+  from histojax.indexing import curator, writer  # noqa: PLC0415
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(30, dim))
 
   def rows(m, cs):
-    return index.l2_normalize(cs[rng.integers(0, len(cs), m)] + 0.35 * rng.normal(size=(m, dim)))
+    return indexing.l2_normalize(cs[rng.integers(0, len(cs), m)] + 0.35 * rng.normal(size=(m, dim)))
   gallery = rows(n, centers[:24])
   out = {"rows": n, "dim": dim, "rows_added": added}
   for name, cs in (("same_clusters", centers[:24]), ("new_clusters", centers[24:])):
@@ -87,17 +88,17 @@ def at_scale(n: int, added: int = 1000, dim: int = 128, k: int = 10) -> dict:
       directory = os.path.join(tmp, "index")
       meta = {"label": np.zeros(n, np.int64), "source_id": np.array([f"s{i // 100}" for i in range(n)]),
               "coords": np.zeros((n, 2), np.int32)}
-      index.save(index.build(gallery, {"mode": "tree_ah"}), directory, {"class_names": ["c"]}, meta)
+      writer.save(indexing.build(gallery, {"mode": "tree_ah"}), directory, {"class_names": ["c"]}, meta)
       new = rows(added, cs)
-      cases = growth.Cases(np.zeros((added, 8, 8, 3), np.uint8), new, np.zeros(added, np.int64),
+      cases = curator.Cases(np.zeros((added, 8, 8, 3), np.uint8), new, np.zeros(added, np.int64),
                            np.array([f"new{i // 100}" for i in range(added)]), np.zeros((added, 2), np.int32))
       start = time.perf_counter()
-      summary = growth.add(directory, cases)  # 1%: under the drift threshold; the probe decides
+      summary = curator.add(directory, cases)  # 1%: under the drift threshold; the probe decides
       seconds = time.perf_counter() - start
-      idx, _ = index.load(directory)
+      idx, _ = indexing.load(directory)
       queries = rows(200, cs)
-      truth = index.exact_search(np.concatenate([gallery, new]), queries, k)[0]
-      found = index.search(idx, queries, k)[0]
+      truth = indexing.exact_search(np.concatenate([gallery, new]), queries, k)[0]
+      found = indexing.search(idx, queries, k)[0]
       out[name] = {"seconds_add_1000": round(seconds, 2), "probe_recall": summary["probe_recall"],
                    "rebalanced": summary["rebalanced"],
                    "recall@10_after_add": round(float(np.mean([len(set(a) & set(b)) / k
@@ -112,7 +113,8 @@ def main(argv):
     return
   if not FLAGS.index:
     raise app.UsageError("--index is required (or --synthetic_rows N)")
-  from histojax import growth, query  # noqa: PLC0415
+  from histojax import query  # noqa: PLC0415
+  from histojax.indexing import curator  # noqa: PLC0415
   with tempfile.TemporaryDirectory() as tmp:
     served = os.path.join(tmp, "index")
     shutil.copytree(FLAGS.index, served)
@@ -133,7 +135,7 @@ def main(argv):
     after = search(engine, probe, FLAGS.k)
     sources = sorted({os.path.splitext(os.path.basename(p))[0] for p in paths})
     start = time.perf_counter()
-    removed = growth.remove(served, sources)
+    removed = curator.remove(served, sources)
     remove_seconds = time.perf_counter() - start
     again = search(engine, probe, FLAGS.k)
   per_k = 1000 / added["rows_added"]

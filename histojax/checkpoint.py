@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
@@ -54,7 +55,6 @@ def check_same_on_every_process(data_state: dict) -> None:
   """
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils
   digest = hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest()
   multihost_utils.assert_equal(np.frombuffer(digest, np.uint8),
                                "data iterator state differs between processes; resuming would "

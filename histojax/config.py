@@ -7,11 +7,12 @@ file or with `--config.a.b=...`) raises at once and names the field.
 
 from __future__ import annotations
 
+import dataclasses
 
 import ml_collections
 from etils import epath
 
-from histojax import models, objectives, optim, sharding, untrusted
+from histojax import indexing, models, objectives, optim, sharding, untrusted
 from histojax.data import colour
 
 
@@ -86,18 +87,8 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
   c.eval.ks = (1, 5, 10)
   c.eval.exclude_same_source = True  # a query is never answered by its own source image
   c.eval.tta = "none"  # none | d8: embed the mean over the 8 flips/rotations (gallery and queries alike)
-  c.eval.index = ml_collections.ConfigDict()  # fields and defaults: histojax.index.IndexConfig
-  c.eval.index.mode = "auto"  # auto | exact | brute_force | ah | tree_ah | adc (PQ codes)
-  c.eval.index.brute_force_below = 20_000  # auto: brute force below this many gallery rows
-  c.eval.index.ah_below = 0  # auto: AH without a tree below this many rows; 0: never (measured worse)
-  c.eval.index.num_leaves = 0  # 0 -> about sqrt(n)
-  c.eval.index.leaves_to_search = 0  # 0 -> about num_leaves / 10
-  c.eval.index.training_sample_size = 250_000
-  c.eval.index.dims_per_block = 0  # 0 -> 1 below 128 dims, else 2
-  c.eval.index.anisotropic_threshold = 0.2
-  c.eval.index.reorder = 0  # 0 -> max(250, 25 * k, n / 1000)
-  c.eval.index.reorder_dtype = "float32"  # float32 | bfloat16 | int8
-  c.eval.index.pq_metric = "dot_product"  # adc: dot_product | squared_l2
+  # Every ScaNN/ADC knob, with its default and why, is a field of histojax.indexing.IndexConfig.
+  c.eval.index = ml_collections.ConfigDict(dataclasses.asdict(indexing.IndexConfig()))
 
   c.lock()
   return c
@@ -125,8 +116,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optimizer.name must be one of {optim.NAMES}, got {config.optimizer.name!r}")
   models.MODELS.get(config.model.name)
   objectives.OBJECTIVES.get(config.objective.name)
-  from histojax import index  # noqa: PLC0415  (index knobs fail here, before training, not at eval)
-  index.IndexConfig.from_config(config.eval.index)
+  # index knobs fail here, before training, not at eval
+  indexing.IndexConfig.from_config(config.eval.index)
   if config.eval.tta not in ("none", "d8"):  # step.TTA_MODES; step imports config, not the other way round
     raise ValueError(f"eval.tta must be 'none' or 'd8', got {config.eval.tta!r}")
   sharding.compile_rules(config.mesh)

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 import jax
+from absl import flags
 
 MODES = ("auto", "on", "off")
 # What srun sets in each of its tasks: the variables JAX's own SLURM detection reads.
@@ -38,7 +39,6 @@ _TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", 
 
 def define_flags() -> None:
   """Flags for the entry points (train, evaluate); call under `__main__`."""
-  from absl import flags
   flags.DEFINE_enum("distributed", "auto", MODES,
                     "Multi-process start-up: auto-detect (TPU VM, SLURM, Open MPI, explicit "
                     "address), always (on), or never (off).")
@@ -49,7 +49,6 @@ def define_flags() -> None:
 
 
 def initialize_from_flags() -> None:
-  from absl import flags
   f = flags.FLAGS
   initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
 
@@ -128,8 +127,8 @@ def tpu_chips_attached(sysfs: str = "/sys/bus/pci/devices") -> bool:
 
 def _known_tpu_devices() -> frozenset:
   # JAX's table follows new TPU generations with each release; ours is the fallback.
-  try:
-    from jax._src import hardware_utils
+  try:  # a private JAX module, imported late and guarded: a JAX release may move or drop it
+    from jax._src import hardware_utils  # noqa: PLC0415
     return _TPU_PCI_DEVICES | frozenset(hardware_utils._TPU_PCI_DEVICE_IDS)
   except (ImportError, AttributeError):
     return _TPU_PCI_DEVICES

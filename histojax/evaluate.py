@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from histojax import checkpoint, datasets, distributed, export, fileio, metrics, monitor, pairs, report  # noqa: F401
+from histojax import checkpoint, datasets, distributed, export, fileio, identity, metrics, monitor, pairs, report  # noqa: F401
 from histojax import config as config_lib
 from histojax import retrieval
 from histojax.data import images, sources
@@ -31,7 +31,7 @@ from histojax.data import images, sources
 def export_stage(config, workdir: epath.Path, trainer, state, step: int):
   """(gallery, query) exports; one export when both are the same split."""
   gallery_split, query_split = config.dataset.gallery_split, config.dataset.query_split
-  fingerprint = export.fingerprint(trainer, state)
+  fingerprint = identity.fingerprint(trainer, state)
   split_export = lambda split: export.export_split(trainer, state, config, split, workdir / "export" / split,
                                                    step, fingerprint)
   gallery = split_export(gallery_split)

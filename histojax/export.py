@@ -20,24 +20,20 @@ The PQ hook: an objective whose `codebooks(model)` gives codebooks
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 
 import jax
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from histojax import fileio
+from histojax import fileio, identity, pq, untrusted
 from histojax import mesh as mesh_lib
-from histojax import pq, untrusted
 from histojax import step as step_lib
-from histojax.data import pipeline, sources, tiling
-from histojax.models import embedder
+from histojax.data import pipeline, sources, stain, tiling
 
 CHUNK_EXAMPLES = 16_384  # rows per resumable chunk, rounded to whole global batches
-NORMALIZATION = {"input": "imagenet_mean_std", "input_mean": list(embedder.IMAGENET_MEAN),
-                 "input_std": list(embedder.IMAGENET_STD), "embedding": "l2"}
 
 
 @dataclasses.dataclass
@@ -55,40 +51,6 @@ class Export:
 
 
 # --- What identifies an export -------------------------------------------------
-
-def host_value(leaf) -> np.ndarray:
-  """The whole value of a (possibly sharded, possibly multi-process) array, on this host.
-
-  A leaf split over `fsdp` across processes is gathered from all of them
-  (a collective: every process calls this for the same leaves in the same
-  order); a leaf this process holds whole is read locally.
-  """
-  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-  return np.asarray(jax.device_get(leaf))
-
-
-def fingerprint(trainer: step_lib.Trainer, state: nnx.State) -> str:
-  """sha256 (16 hex) of the model's parameters and batch statistics, path by path.
-
-  Two checkpoints with the same step but different weights (a rerun) differ
-  here, so neither an export nor an index is reused across them. The whole
-  value of each array is hashed, not this process's shard of it, so every
-  process (and any layout: replicated or split over fsdp) gets the same hash.
-  """
-  model, _ = nnx.merge(trainer.graphdef, state)
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
-    array = host_value(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-  if jax.process_count() > 1:  # a reuse decision taken on some processes only would deadlock them
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    multihost_utils.assert_equal(np.frombuffer(digest.digest(), np.uint8),
-                                 "weights fingerprint differs between processes")
-  return digest.hexdigest()[:16]
-
 
 def dataset_tiling(name: str, data_dir: str = "", split: str = "train") -> dict | None:
   """Exactly how the dataset's builder cut `split`'s source images (`tiling.record`),
@@ -125,12 +87,11 @@ def _stain_spec(spec, cfg) -> dict | None:
   if found is None or isinstance(found, dict):
     return found
   if isinstance(found, str):  # a method name: its full spec, the numbers the builder used
-    from histojax.data import stain  # noqa: PLC0415
     return stain.spec(found)
   return dataclasses.asdict(found)
 
 
-def identity(config, split: str, step: int, fingerprint_: str) -> dict:
+def reuse_identity(config, split: str, step: int, fingerprint_: str) -> dict:
   """The fields an export is reused on, as they read back from JSON (tuples become lists)."""
   return json.loads(json.dumps({"dataset": config.dataset.name, "split": split, "step": step,
                                 "model": config.model.to_dict(), "image_size": config.input.image_size,
@@ -208,7 +169,6 @@ def _open_staging(staging: epath.Path, manifest: dict, ranges) -> np.ndarray:
       (staging / "chunks").mkdir(parents=True)
       marker.write_text(json.dumps(manifest, indent=2, sort_keys=True))
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
   return done
 
@@ -248,7 +208,7 @@ def model_codebooks(trainer: step_lib.Trainer, state: nnx.State) -> tuple[np.nda
   """(codebooks [M, K, d/M] or None, PQ metric): what the objective says (`Objective.codebooks`)."""
   model, _ = nnx.merge(trainer.graphdef, state)
   found = trainer.objective.codebooks(model)
-  return (None, "dot_product") if found is None else (pq.check_codebooks(host_value(found[0])), found[1])
+  return (None, "dot_product") if found is None else (pq.check_codebooks(identity.host_value(found[0])), found[1])
 
 
 # --- The export ---------------------------------------------------------------------
@@ -258,7 +218,7 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
                  chunk_examples: int = CHUNK_EXAMPLES) -> Export:
   """Embeds one split and writes it to `directory` (reused if already there)."""
   directory = epath.Path(directory)
-  wanted = identity(config, split, step, fingerprint_ or fingerprint(trainer, state))
+  wanted = reuse_identity(config, split, step, fingerprint_ or identity.fingerprint(trainer, state))
   existing = _load_if_matching(directory, wanted)
   if existing is not None:
     return existing
@@ -269,7 +229,8 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
   codebooks, metric = model_codebooks(trainer, state)
   codes = None if codebooks is None else pq.encode(embeddings, codebooks, metric)
   manifest = {**wanted, "count": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]), "normalized": True,
-              "normalization": NORMALIZATION, "class_names": sources.class_names(config.dataset.name, config.dataset.data_dir),
+              "normalization": identity.normalization(config.model),
+              "class_names": sources.class_names(config.dataset.name, config.dataset.data_dir),
               "tiling": dataset_tiling(config.dataset.name, config.dataset.data_dir, split),
               "pq": None if codebooks is None else {"num_books": int(codebooks.shape[0]),
                                                     "num_codewords": int(codebooks.shape[1]), "metric": metric,

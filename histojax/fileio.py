@@ -22,6 +22,8 @@ from typing import Iterator
 import numpy as np
 from etils import epath
 
+from histojax import untrusted
+
 
 def is_local(path: epath.PathLike) -> bool:
   """True for a path on this machine's filesystem, False for gs://, s3://, ..."""
@@ -176,7 +178,6 @@ def load_npy(path: epath.PathLike) -> np.ndarray:
   """A `.npy` array read through epath (gs:// too; `np.load(str)` reads local paths only)
   by `untrusted.load_npy`: header checked against the file's size, object arrays
   (pickles) refused, a damaged file named (`untrusted.CorruptFileError`)."""
-  from histojax import untrusted  # noqa: PLC0415
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
@@ -186,7 +187,6 @@ def load_npy(path: epath.PathLike) -> np.ndarray:
 def load_npz(path: epath.PathLike) -> dict[str, np.ndarray]:
   """Every array of an `.npz` file, as a dict, read through epath by `untrusted.load_npz`
   (member sizes checked, object arrays refused)."""
-  from histojax import untrusted  # noqa: PLC0415
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -83,6 +83,5 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def to_host(tree: Any) -> Any:
   """Fetches (possibly multi-process) global arrays as full numpy arrays."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, tree)

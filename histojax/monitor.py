@@ -13,7 +13,9 @@ import time
 import jax
 import numpy as np
 import tqdm
+from absl import flags, logging
 from etils import epath
+from tensorboardX import SummaryWriter  # event files without TensorFlow (gs:// too)
 
 from histojax import fileio
 
@@ -30,7 +32,6 @@ def info(message: str, *args) -> None:
 
 def quiet_libraries() -> None:
   """Library logs (Orbax, TFDS, XLA) at WARNING unless --verbosity was given."""
-  from absl import flags, logging
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
 
@@ -79,7 +80,6 @@ class Monitor:
                           disable=not self.enabled, desc="train")
     self._writer = self._jsonl = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # event files without TensorFlow (gs:// too)
       self._writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
       self._jsonl = JsonLines(epath.Path(workdir) / "train_metrics.jsonl")
     self._last = (first_step, time.perf_counter())

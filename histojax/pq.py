@@ -10,7 +10,7 @@ building it. Per query, a lookup table T[m, c] = sim(q_m, codebook[m, c])
 is computed once (M * K sub-vector products), and a gallery row's score is
 sum_m T[m, code[m]]: M table reads instead of d multiply-adds. Scores equal
 exact scores against the reconstructions, for both metrics (the top-k search
-over these scores is `histojax.index.adc_search`):
+over these scores is `histojax.indexing.adc_search`):
 - "dot_product": sim = <q_m, c>; higher is better (SPQ's cosine geometry).
 - "squared_l2": sim = -||q_m - c||^2 (negated so that higher is better too).
 """

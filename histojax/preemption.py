@@ -26,6 +26,7 @@ import threading
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def _multi_controller() -> bool:
@@ -60,7 +61,6 @@ class Watcher:
   def reached(self, step: int) -> bool:
     """True at the step where this run must save and stop (the same on every process)."""
     if self._use_jax:
-      from jax.experimental import multihost_utils
       return multihost_utils.reached_preemption_sync_point(step)
     return self._requested.is_set()
 

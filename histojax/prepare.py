@@ -24,7 +24,7 @@ from absl import app, flags
 
 from histojax import datasets, monitor  # noqa: F401  (datasets: registers the builders)
 from histojax.data import sources
-from tfds_builders.common import BuildError
+from tfds_builders.source_images import BuildError
 
 
 def format_summary(summary: dict) -> str:
@@ -84,7 +84,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("skip_corrupt", False, "Leave out (and count) images that cannot be decoded, "
                     "instead of stopping the build.")
   flags.DEFINE_integer("max_pixels", None, "Refuse archive images with more pixels than this, read from the "
-                       "header before decoding; default 2,000,000,000 (tfds_builders.common.MAX_PIXELS).")
+                       "header before decoding; default 2,000,000,000 (tfds_builders.source_images.MAX_PIXELS).")
   flags.DEFINE_enum("beam_runner", None, list(sources.BEAM_RUNNERS),
                     "Prepare as an Apache Beam pipeline on this runner (needs requirements-beam.txt).")
   flags.DEFINE_string("beam_options", None, "Beam pipeline flags for the runner, one string, e.g. "

@@ -20,11 +20,15 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 from etils import epath
 
-from histojax import fileio, index, metrics
-from histojax.data import augment, tiling
+from histojax import checkpoint, fileio, identity, indexing, metrics
+from histojax import config as config_lib
+from histojax import mesh as mesh_lib
+from histojax import step as step_lib
+from histojax.data import augment, stain, tiling
 
 
 @dataclasses.dataclass
@@ -58,7 +62,6 @@ def cut(image: np.ndarray, rec: dict, image_size: int) -> Patches:
   single patch query is; smaller than the model input is an error.
   """
   if rec.get("stain") is not None:
-    from histojax.data import stain  # noqa: PLC0415  (only datasets built with stain normalisation)
     image = stain.normalize(image, rec["stain"])
   cfg = tiling.config_from_record(rec)
   if cfg is None:  # a dataset of whole patches
@@ -83,20 +86,13 @@ class QueryModel:
   """A restored checkpoint that embeds uint8 patches, checked against an index manifest."""
 
   def __init__(self, workdir: epath.PathLike, step: int | None = None):
-    # JAX, Orbax and the model load only here, once the arguments were found valid.
-    import jax  # noqa: PLC0415
-
-    from histojax import checkpoint, export  # noqa: PLC0415
-    from histojax import config as config_lib  # noqa: PLC0415
-    from histojax import step as step_lib  # noqa: PLC0415
-
     workdir = epath.Path(workdir)
     if not (workdir / "config.json").exists():
       raise FileNotFoundError(f"query model workdir {workdir} has no config.json")
     self.config = config_lib.load(workdir / "config.json")
     self.config.mesh.data, self.config.mesh.fsdp = -1, 1  # whatever devices this machine has
     self.trainer, self.state, self.step = checkpoint.restore_for_eval(self.config, workdir, step)
-    self.fingerprint = export.fingerprint(self.trainer, self.state)
+    self.fingerprint = identity.fingerprint(self.trainer, self.state)
     self.image_size = self.config.input.image_size
     self._embed = step_lib.jit_embed(self.trainer)
     self._devices = self.trainer.mesh.size
@@ -104,13 +100,18 @@ class QueryModel:
     self.dim = int(jax.eval_shape(self._embed, self.state, probe).shape[1])
     self.identity = json.loads(json.dumps({
         "step": self.step, "fingerprint": self.fingerprint, "model": self.config.model.to_dict(),
-        "image_size": self.image_size, "normalization": export.NORMALIZATION, "dim": self.dim}))
+        "image_size": self.image_size, "normalization": identity.normalization(self.config.model), "dim": self.dim}))
+
+  def expected_by(self, manifest: dict) -> dict:
+    """The fields an index's manifest must agree on: `identity`, where a legacy normalisation
+    record (ImageNet for every model, before it was read from the config) counts as agreeing."""
+    if identity.normalization_matches(manifest.get("normalization"), self.config.model):
+      return {**self.identity, "normalization": manifest.get("normalization")}
+    return self.identity
 
   def embed(self, patches: np.ndarray) -> np.ndarray:
     """[n, s, s, 3] uint8 -> [n, d] float32: one padded device call per `input.eval_batch_size`
     patches, padded to a power of two times the device count (few compilations)."""
-    from histojax import mesh as mesh_lib  # noqa: PLC0415
-
     cap = max(self._devices, self.config.input.eval_batch_size // self._devices * self._devices)
     out = []
     for start in range(0, len(patches), cap):
@@ -163,16 +164,16 @@ class QueryEngine:
            resize: float | None = None) -> QueryEngine:
     """Loads manifest, model, searcher and rows. `resize` replaces the gallery's resize
     factor, for query images scanned at another magnification."""
-    manifest = index.read_manifest(index_dir)
+    manifest = indexing.read_manifest(index_dir)
     model = QueryModel(model_workdir(index_dir, manifest, workdir),
                        step if step is not None else manifest["checkpoint"]["step"])
     return cls(index_dir, model, workdir, step, resize)
 
   def _load(self) -> None:
-    manifest = index.read_manifest(self.index_dir)
-    index.check_manifest(manifest, self.model.identity, self.index_dir)
-    self._searcher, self.manifest = index.load(self.index_dir)
-    self.rows = index.load_rows(self.index_dir)
+    manifest = indexing.read_manifest(self.index_dir)
+    indexing.check_manifest(manifest, self.model.expected_by(manifest), self.index_dir)
+    self._searcher, self.manifest = indexing.load(self.index_dir)
+    self.rows = indexing.load_rows(self.index_dir)
     self.class_names = list(manifest.get("class_names") or [])
     self.image_size = self.model.image_size
     self.num_rows = int(self._searcher.size)
@@ -188,7 +189,7 @@ class QueryEngine:
     grown index); the model is reloaded too when the index names another checkpoint."""
     if self._disk_stamp() == self._stamp:
       return False
-    manifest = index.read_manifest(self.index_dir)
+    manifest = indexing.read_manifest(self.index_dir)
     moved = self._step is None and manifest["checkpoint"]["step"] != self.model.step
     if moved or manifest.get("fingerprint") != self.model.fingerprint:
       self.model = QueryModel(model_workdir(self.index_dir, manifest, self._workdir),
@@ -215,7 +216,7 @@ class QueryEngine:
     patches = [p for p in cut_or_error if isinstance(p, Patches)]
     tiles = np.concatenate([p.images for p in patches]) if patches else np.zeros((0,), np.uint8)
     if len(tiles):
-      neighbors, scores = index.search(self._searcher, self.model.embed(tiles), k)
+      neighbors, scores = indexing.search(self._searcher, self.model.embed(tiles), k)
     else:
       neighbors, scores = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     answers, start = [], 0

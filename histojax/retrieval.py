@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from histojax import export, index, metrics, monitor
+from histojax import export, indexing, metrics, monitor
+from histojax.indexing import writer
 
 IDENTITY = ("dataset", "split", "step", "fingerprint", "model", "image_size", "index_config", "build_k")
 
@@ -21,7 +22,7 @@ def index_manifest(config, workdir: epath.Path, gallery: export.Export, k: int) 
   return {"checkpoint": {"workdir": str(workdir.absolute()), "step": man["step"], "fingerprint": man["fingerprint"]},
           **{key: man.get(key) for key in ("dataset", "split", "step", "model", "image_size", "fingerprint",
                                             "normalization", "class_names", "tiling", "pq")},
-          "index_config": dataclasses.asdict(index.IndexConfig.from_config(config.eval.index)), "build_k": k}
+          "index_config": dataclasses.asdict(indexing.IndexConfig.from_config(config.eval.index)), "build_k": k}
 
 
 def build_or_reuse_index(config, workdir: epath.Path, gallery: export.Export, k: int):
@@ -29,12 +30,12 @@ def build_or_reuse_index(config, workdir: epath.Path, gallery: export.Export, k:
   gallery export with these knobs, else a new one (saved by process 0)."""
   wanted = index_manifest(config, workdir, gallery, k)
   identity = {key: wanted[key] for key in IDENTITY}
-  found = index.load_if_matching(workdir / "index", {**identity, "count": len(gallery.label)})
+  found = indexing.load_if_matching(workdir / "index", {**identity, "count": len(gallery.label)})
   if found is not None:
     monitor.info("reusing the index in %s", workdir / "index")
     return found
   # With PQ codes, 'auto' searches them (ADC); a float mode named in config uses the embeddings.
-  idx = index.build(gallery.embeddings, config.eval.index, k=k, codes=gallery.codes, codebooks=gallery.codebooks)
+  idx = indexing.build(gallery.embeddings, config.eval.index, k=k, codes=gallery.codes, codebooks=gallery.codebooks)
   manifest = wanted
   if grown_by_hand(workdir / "index"):
     # Cases a user added with `histojax index add` exist nowhere else: never
@@ -42,7 +43,7 @@ def build_or_reuse_index(config, workdir: epath.Path, gallery: export.Export, k:
     monitor.info("warning: %s holds cases added with `histojax index add`; evaluation searched a fresh in-memory "
                  "index of the export and left that folder as it is", workdir / "index")
   elif jax.process_index() == 0:
-    manifest = index.save(idx, workdir / "index", wanted, gallery.rows())
+    manifest = writer.save(idx, workdir / "index", wanted, gallery.rows())
   return idx, manifest
 
 
@@ -51,7 +52,7 @@ def grown_by_hand(directory: epath.Path) -> bool:
   if not (directory / "manifest.json").exists():
     return False
   try:
-    return bool(index.read_manifest(directory).get("growth", {}).get("generation", 0))
+    return bool(indexing.read_manifest(directory).get("growth", {}).get("generation", 0))
   except (ValueError, OSError):
     return False  # a damaged manifest is rebuilt, as before
 
@@ -71,12 +72,12 @@ def exclusion_keys(gallery: export.Export, query: export.Export, same_split: boo
   return None
 
 
-def retrieve(idx: index.Index, query: export.Export, k: int, keys):
+def retrieve(idx: indexing.Index, query: export.Export, k: int, keys):
   """Top-k (neighbours, scores) of every query after exclusions."""
   if keys is None:
-    return index.search(idx, query.embeddings, k)
+    return indexing.search(idx, query.embeddings, k)
   extra = metrics.max_shared_source(*keys)
-  neighbors, scores = index.search(idx, query.embeddings, k + extra)
+  neighbors, scores = indexing.search(idx, query.embeddings, k + extra)
   columns = metrics.kept_columns(neighbors, keys[0], keys[1], k)
   safe = np.maximum(columns, 0)
   return (np.where(columns >= 0, np.take_along_axis(neighbors, safe, 1), -1),

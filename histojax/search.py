@@ -25,35 +25,15 @@ import sys
 from typing import Callable
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
+from histojax import query
 from histojax.data import images
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 QUERIES_PER_CALL = 8  # images answered together: their tiles share padded device calls
 
 
 # --- Inputs ----------------------------------------------------------------------
-
-def query_paths(items: list[str]) -> list[str]:
-  """Files as given, and the image files under each folder (recursively, sorted).
-
-  Fails before anything is searched if a path does not exist or a folder holds no image.
-  """
-  paths = []
-  for item in items:
-    if os.path.isdir(item):
-      found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
-                     if name.lower().endswith(IMAGE_SUFFIXES))
-      if not found:
-        raise FileNotFoundError(f"--images: folder {item} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-      paths.extend(found)
-    elif os.path.isfile(item):
-      paths.append(item)
-    else:
-      raise FileNotFoundError(f"--images: {item} does not exist")
-  return paths
-
 
 def read_image(path: str, max_pixels: int = images.DEFAULT_MAX_PIXELS["search"]) -> np.ndarray:
   """uint8 HxWx3 through the project's one decoder (as the builders read the gallery); a
@@ -94,13 +74,11 @@ def run(index_dir: str, queries: list[str], k: int = 10, emit: Callable[[dict], 
         max_pixels: int = images.DEFAULT_MAX_PIXELS["search"]) -> int:
   """Searches every query image; `emit(answer)` prints one. Returns the exit status
   (0, or 1 when a query failed)."""
-  from histojax import query  # noqa: PLC0415  (JAX loads only once the arguments were checked)
-
   if k <= 0:
     raise ValueError(f"--k must be positive, got {k}")
   if max_pixels <= 0:
     raise ValueError(f"--max_pixels must be positive, got {max_pixels}")
-  paths = query_paths(queries)
+  paths = images.image_paths(queries, "--images")
   engine = query.QueryEngine.open(index_dir, workdir=workdir, step=step, resize=resize)
   status = 0
   for start in range(0, len(paths), QUERIES_PER_CALL):
@@ -152,7 +130,6 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
-  from absl import logging  # noqa: PLC0415
   FLAGS = flags.FLAGS
   paths = list(FLAGS.images) + list(argv[1:])  # `--images a.png slides/`: the rest are positional
   if not paths:

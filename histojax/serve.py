@@ -44,6 +44,9 @@ import time
 
 import numpy as np
 import PIL.Image
+import uvicorn
+from absl import app as absl_app
+from absl import flags, logging
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -51,7 +54,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from histojax import growth, index
+from histojax import indexing, query
 from histojax.data import images
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -170,7 +173,9 @@ class Gallery:
     self.source, self.error = None, None
     self.refresh()
     try:
-      from histojax.data import sources  # noqa: PLC0415  (TFDS: only when asked for)
+      # TFDS (and what it pulls in) is imported only to show a dataset's pictures: the
+      # search path never needs it.
+      from histojax.data import sources  # noqa: PLC0415
       self.source = sources.open_split(manifest["dataset"], manifest["split"], data_dir)
     except Exception as e:  # noqa: BLE001  (any reason the dataset is unreachable: the page says it)
       self.error = (f"gallery dataset {manifest.get('dataset')!r} (split {manifest.get('split')!r}, data_dir "
@@ -178,14 +183,14 @@ class Gallery:
 
   def refresh(self):
     """Re-reads rows.npz (after the index changed); the old rows stay until it is read."""
-    self.rows = growth.with_origin(index.load_rows(self.index_dir))
+    self.rows = indexing.load_rows(self.index_dir)
 
   def png(self, row: int) -> bytes:
     rows = self.rows
     if not 0 <= row < len(rows["label"]):
       raise HTTPError(404, f"gallery row {row} is out of range: the index has {len(rows['label'])} rows "
                       f"(0..{len(rows['label']) - 1})")
-    added = growth.added_patch_png(self.index_dir, rows, row)
+    added = indexing.added_patch_png(self.index_dir, rows, row)
     if added is not None:
       return added
     if self.source is None:
@@ -325,7 +330,6 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
 
 def dataset_dir(index_dir: str, manifest: dict, workdir: str | None) -> str:
   """The TFDS data_dir of the model's training config ('' = TFDS's default)."""
-  from histojax import query  # noqa: PLC0415
   try:
     found = query.model_workdir(index_dir, manifest, workdir)
     with open(os.path.join(found, "config.json")) as f:
@@ -335,7 +339,6 @@ def dataset_dir(index_dir: str, manifest: dict, workdir: str | None) -> str:
 
 
 def define_flags() -> None:
-  from absl import flags  # noqa: PLC0415
   flags.DEFINE_string("index", None, "index folder written by evaluate (<workdir>/index)", required=True)
   flags.DEFINE_string("host", "127.0.0.1", "address to bind; 0.0.0.0 exposes the service to the network")
   flags.DEFINE_integer("port", 8080, "port to listen on")
@@ -352,10 +355,6 @@ def define_flags() -> None:
 
 def run(index_dir: str, host: str = "127.0.0.1", port: int = 8080, workdir: str | None = None,
         step: int | None = None, data_dir: str | None = None, **options) -> None:
-  import uvicorn  # noqa: PLC0415
-
-  from histojax import query  # noqa: PLC0415  (JAX and the model load here, once)
-
   engine = query.QueryEngine.open(index_dir, workdir, step)
   if data_dir is None:
     data_dir = dataset_dir(index_dir, engine.manifest, workdir)
@@ -365,7 +364,6 @@ def run(index_dir: str, host: str = "127.0.0.1", port: int = 8080, workdir: str 
 
 
 def main(argv) -> None:
-  from absl import flags, logging  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments {argv[1:]}")
@@ -375,6 +373,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app as absl_app
   define_flags()
   absl_app.run(main)

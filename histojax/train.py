@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from etils import epath
+from ml_collections import config_flags
 
 from histojax import checkpoint, datasets, distributed, evaluate, preemption, report  # noqa: F401  (datasets: registers the builders)
 from histojax import config as config_lib
@@ -128,8 +128,6 @@ def _report_finished(config, workdir: epath.Path, trainer, state, step: int) -> 
 
 
 def define_flags() -> None:
-  from ml_collections import config_flags  # noqa: PLC0415
-
   config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go (any etils.epath path, "
                       "e.g. gs://bucket/run; shared by all processes).", required=True)

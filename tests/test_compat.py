@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from histojax import search
+from histojax import index as index_cli
+from histojax.indexing import curator
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "compat"
 INDEXES = {"workdir": "workdir/index", "exact": "indexes/exact", "tree_ah": "indexes/tree_ah",
@@ -58,3 +60,24 @@ def test_old_index_answers_as_it_did(compat, name):
   assert [a["query"] for a in got] == [a["query"] for a in recorded]
   for answer, want in zip(got, recorded):
     _same_answer(answer, want)
+
+
+def test_old_grown_index_grows_on(compat, tmp_path):
+  """The new writer continues an index the old one grew: add, then remove what was added,
+  and the answers are the recorded ones again (removal renumbers rows, so rows are compared
+  by what they are: label, source and score)."""
+  grown = tmp_path / "grown"
+  shutil.copytree(compat / INDEXES["grown"], grown)
+  queries = sorted(str(p) for p in (compat / "queries").glob("*.png"))
+  adds = tmp_path / "adds" / "gland"
+  adds.mkdir(parents=True)
+  shutil.copy(queries[0], adds / "late.png")
+  summary = index_cli.run_add(str(grown), [str(adds.parent)], workdir=str(compat / "workdir"))
+  assert summary["rows_added"] == 4 and summary["rows_after"] == 56
+  assert json.loads((grown / "manifest.json").read_text())["growth"]["generation"] == 3  # the old log goes on
+  curator.remove(str(grown), ["late"])
+  recorded = json.loads((compat / "answers.json").read_text())["grown"]
+  for answer, want in zip(_answers(grown, compat / "workdir", queries), recorded):
+    key = lambda a: [[(r["label"], r["source_id"], round(r["score"], 4)) for r in t["results"]] for t in a["tiles"]]
+    assert key(answer) == key(want)
+    assert answer["vote"] == want["vote"]

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from histojax import evaluate, export, index, pairs, query, search, train
+from histojax import evaluate, export, indexing, pairs, query, search, train
 from histojax.data import augment
 from tests.conftest import tiny_config
 from tfds_builders.synthetic_tissue import painter
@@ -47,7 +47,7 @@ def test_evaluate_writes_metrics_and_report(trained):
                                     "fingerprint": manifest["fingerprint"]}
   assert manifest["count"] == 48 and manifest["dim"] == 32 and manifest["split"] == "train"
   assert manifest["normalization"]["embedding"] == "l2" and manifest["class_names"][3] == "tumour"
-  rows = index.load_rows(workdir / "index")
+  rows = indexing.load_rows(workdir / "index")
   assert len(rows["label"]) == 48 and rows["coords"].shape == (48, 2)
   assert all(str(s).startswith(painter.CLASS_NAMES[c]) for s, c in zip(rows["source_id"], rows["label"]))
 
@@ -66,7 +66,7 @@ def test_evaluate_cli_again_reuses_export_and_index(trained):
   config.eval.index.mode = "exact"
   exact = evaluate.evaluate(config, workdir)
   assert exact["index_mode"] == "exact" and exact["precision@10"] == pytest.approx(results["precision@10"])
-  assert index.read_manifest(workdir / "index")["mode"] == "exact"
+  assert indexing.read_manifest(workdir / "index")["mode"] == "exact"
 
 
 def _painted_gallery_image(tmp_path, label=3, seed=0):
@@ -152,7 +152,7 @@ def test_engine_answers_a_batch_as_each_alone_and_search_prints_sources(trained,
 
 def test_search_refuses_a_model_that_does_not_match_the_index(trained, tmp_path):
   _, workdir, _ = trained
-  with pytest.raises(index.ManifestMismatch, match="step: index has 4, query has 2") as e:
+  with pytest.raises(indexing.ManifestMismatch, match="step: index has 4, query has 2") as e:
     search.run(str(workdir / "index"), [str(_painted_gallery_image(tmp_path))], step=2)
   assert "fingerprint" in str(e.value)
 

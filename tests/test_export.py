@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
-from histojax import export, index, objectives, pq
+from histojax import export, identity, indexing, objectives, pq
 from histojax import mesh as mesh_lib
 from histojax import models
 from histojax import step as step_lib
@@ -81,10 +81,10 @@ def test_chunks_of_another_checkpoint_are_not_reused(tmp_path, fresh, monkeypatc
 
 def test_fingerprint_follows_the_weights(fresh):
   config, trainer, state = fresh
-  same = export.fingerprint(trainer, state)
-  assert same == export.fingerprint(trainer, state)
+  same = identity.fingerprint(trainer, state)
+  assert same == identity.fingerprint(trainer, state)
   shifted = jax.tree.map(lambda x: x + 1 if x.dtype == np.float32 and x.ndim == 4 else x, state)
-  assert export.fingerprint(trainer, shifted) != same
+  assert identity.fingerprint(trainer, shifted) != same
 
 
 class _Quantised(nnx.Module):
@@ -121,8 +121,8 @@ def test_a_model_with_codebooks_exports_pq_codes_searched_by_adc(tmp_path, tiny_
   loaded = export.load(tmp_path / "train")
   np.testing.assert_array_equal(loaded.codes, out.codes)
 
-  idx = index.build(None, config.eval.index, codes=loaded.codes, codebooks=loaded.codebooks)
+  idx = indexing.build(None, config.eval.index, codes=loaded.codes, codebooks=loaded.codebooks)
   assert idx.mode == "adc"
-  found, scores = index.search(idx, loaded.embeddings[:5], 3)
-  exact, _ = index.exact_search(pq.reconstruct(loaded.codes, books), loaded.embeddings[:5], 3)
+  found, scores = indexing.search(idx, loaded.embeddings[:5], 3)
+  exact, _ = indexing.exact_search(pq.reconstruct(loaded.codes, books), loaded.embeddings[:5], 3)
   np.testing.assert_array_equal(found, exact)

@@ -15,7 +15,8 @@ from etils import epath
 from fsspec.implementations.local import LocalFileSystem
 
 from histojax import config as config_lib
-from histojax import export, fileio, index, monitor
+from histojax import export, fileio, indexing, monitor
+from histojax.indexing import writer
 from tests.conftest import tiny_config
 
 
@@ -84,14 +85,14 @@ def test_index_round_trip_on_object_store(gcs):
   gallery = rng.normal(size=(200, 16)).astype(np.float32)
   cfg = tiny_config("").eval.index
   cfg.mode = "brute_force"
-  built = index.build(gallery, cfg, k=5)
-  index.save(built, root / "run" / "index", {"count": 200})
+  built = indexing.build(gallery, cfg, k=5)
+  writer.save(built, root / "run" / "index", {"count": 200})
   assert (disk / "run" / "index" / "scann").is_dir()
   assert not (disk / "run" / ".index.partial").exists()
-  loaded, manifest = index.load(root / "run" / "index")
+  loaded, manifest = indexing.load(root / "run" / "index")
   assert manifest["mode"] == "brute_force" and manifest["count"] == 200
   queries = rng.normal(size=(10, 16)).astype(np.float32)
-  np.testing.assert_array_equal(index.search(loaded, queries, 5)[0], index.search(built, queries, 5)[0])
+  np.testing.assert_array_equal(indexing.search(loaded, queries, 5)[0], indexing.search(built, queries, 5)[0])
 
 
 def test_export_and_config_on_object_store(gcs):

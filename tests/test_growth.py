@@ -10,18 +10,19 @@ import sys
 import numpy as np
 import pytest
 
-from histojax import fileio, growth, index
+from histojax import fileio, indexing
+from histojax.indexing import curator, growth, searcher, writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _clustered(rng, n, centers, dim=32, noise=0.3):
   labels = rng.integers(0, len(centers), n)
-  return index.l2_normalize(centers[labels] + noise * rng.normal(size=(n, dim))), labels
+  return indexing.l2_normalize(centers[labels] + noise * rng.normal(size=(n, dim))), labels
 
 
 def _exact(gallery, queries, k):
-  return index.exact_search(index.l2_normalize(gallery), index.l2_normalize(queries), k)
+  return indexing.exact_search(indexing.l2_normalize(gallery), indexing.l2_normalize(queries), k)
 
 
 def _recall(found, truth):
@@ -34,22 +35,22 @@ def test_append_then_delete_equals_exact_search_on_the_same_rows(mode):
   centers = rng.normal(size=(6, 32))
   gallery, _ = _clustered(rng, 500, centers)
   new, _ = _clustered(rng, 120, centers)
-  idx = growth.append(index.build(gallery, {"mode": mode}, k=10), new)
+  idx = searcher.append(indexing.build(gallery, {"mode": mode}, k=10), new)
   both = np.concatenate([gallery, new])
   queries, _ = _clustered(rng, 40, centers)
   assert idx.size == 620
-  np.testing.assert_array_equal(index.search(idx, queries, 10)[0], _exact(both, queries, 10)[0])
+  np.testing.assert_array_equal(indexing.search(idx, queries, 10)[0], _exact(both, queries, 10)[0])
   gone = [0, 5, 499, 500, 619, 618, 300]
-  idx, order = growth.delete(idx, gone)
+  idx, order = searcher.delete(idx, gone)
   assert idx.size == 613 and not set(gone) & set(order.tolist()) and len(set(order.tolist())) == 613
   # Row r of the grown index is old row order[r]: the searcher and the rows agree.
-  np.testing.assert_array_equal(index.search(idx, queries, 10)[0], _exact(both[order], queries, 10)[0])
+  np.testing.assert_array_equal(indexing.search(idx, queries, 10)[0], _exact(both[order], queries, 10)[0])
 
 
 def test_delete_order_fills_each_hole_with_the_last_row():
-  assert growth.delete_order(6, [1, 4]).tolist() == [0, 5, 2, 3]  # 4 <- 5, then 1 <- 5 (the last again)
-  assert growth.delete_order(6, [5]).tolist() == [0, 1, 2, 3, 4]
-  assert growth.delete_order(3, [0, 1, 2]).tolist() == []
+  assert searcher.delete_order(6, [1, 4]).tolist() == [0, 5, 2, 3]  # 4 <- 5, then 1 <- 5 (the last again)
+  assert searcher.delete_order(6, [5]).tolist() == [0, 1, 2, 3, 4]
+  assert searcher.delete_order(3, [0, 1, 2]).tolist() == []
 
 
 def test_adc_rows_are_encoded_with_the_models_codebooks():
@@ -57,39 +58,39 @@ def test_adc_rows_are_encoded_with_the_models_codebooks():
   codebooks = rng.normal(size=(4, 16, 8)).astype(np.float32)
   from histojax import pq
   gallery = rng.normal(size=(200, 32)).astype(np.float32)
-  idx = index.build(None, {"mode": "auto"}, codes=pq.encode(gallery, codebooks), codebooks=codebooks)
+  idx = indexing.build(None, {"mode": "auto"}, codes=pq.encode(gallery, codebooks), codebooks=codebooks)
   new = rng.normal(size=(30, 32)).astype(np.float32)
-  grown = growth.append(idx, new)
+  grown = searcher.append(idx, new)
   np.testing.assert_array_equal(grown.codes[200:], pq.encode(new, codebooks))
   queries = rng.normal(size=(5, 32)).astype(np.float32)
-  fresh = index.build(None, {"mode": "auto"}, codes=pq.encode(np.concatenate([gallery, new]), codebooks),
+  fresh = indexing.build(None, {"mode": "auto"}, codes=pq.encode(np.concatenate([gallery, new]), codebooks),
                       codebooks=codebooks)
-  np.testing.assert_array_equal(index.search(grown, queries, 10)[0], index.search(fresh, queries, 10)[0])
+  np.testing.assert_array_equal(indexing.search(grown, queries, 10)[0], indexing.search(fresh, queries, 10)[0])
 
 
 def test_tree_ah_rows_from_unseen_clusters_trigger_a_rebalance_that_restores_recall():
   rng = np.random.default_rng(2)
   centers = rng.normal(size=(24, 32))
   gallery, _ = _clustered(rng, 20_000, centers[:20])
-  idx = index.build(gallery, {"mode": "tree_ah"}, k=10)
+  idx = indexing.build(gallery, {"mode": "tree_ah"}, k=10)
   record = growth.growth_record({"count": idx.size})
   same, _ = _clustered(rng, 500, centers[:20])  # 2.5%, from the clusters the tree was trained on
-  idx = growth.append(idx, same)
+  idx = searcher.append(idx, same)
   record["changed_since_training"] += 500
   assert not growth.maybe_rebalance(idx, record, added=same) and record["last_probe_recall"] == 1.0
   new, _ = _clustered(rng, 300, centers[20:])  # 1.5% more, from clusters it never saw
-  idx = growth.append(idx, new)
+  idx = searcher.append(idx, new)
   record["changed_since_training"] += 300
   both = np.concatenate([gallery, same, new])
   queries, _ = _clustered(rng, 200, centers[20:])
   truth = _exact(both, queries, 10)[0]
-  before = _recall(index.search(idx, queries, 10)[0], truth)
+  before = _recall(indexing.search(idx, queries, 10)[0], truth)
   # Under the 5% drift threshold, but the probe of the new rows sees the misses.
   assert growth.maybe_rebalance(idx, record, added=new)
   assert record["last_probe_recall"] < growth.MIN_PROBE_RECALL
   assert record["trained_rows"] == 20_800 and record["changed_since_training"] == 0
   assert record["probe_recall_after_rebalance"] >= growth.MIN_PROBE_RECALL
-  after = _recall(index.search(idx, queries, 10)[0], truth)
+  after = _recall(indexing.search(idx, queries, 10)[0], truth)
   # ScaNN's k-means is threaded, so recall moves by a few of the 2,000 results from run to
   # run (0.9895 seen in a full suite, 0.99+ alone): the bar is the gain, not the last digit.
   assert before < 0.97 and after >= 0.98 and after - before >= 0.02, (before, after)
@@ -109,13 +110,13 @@ def test_a_retrain_whose_probe_stays_low_is_retried_up_to_the_limit(monkeypatch)
       self.calls += 1
 
   for after_each, tries in (([0.85, 0.99], 2), ([0.5] * 9, growth.REBALANCE_TRIES)):
-    searcher = Searcher()
-    idx = index.Index("tree_ah", None, searcher, size=100, dim=4)
+    scripted = Searcher()
+    idx = indexing.Index("tree_ah", None, scripted, size=100, dim=4)
     probes = iter([0.9] + after_each)  # the probe before, then one per retrain
     monkeypatch.setattr(growth, "probe_recall", lambda *_: next(probes))
     record = growth.growth_record({"count": 90})
     assert growth.maybe_rebalance(idx, record, added=np.ones((10, 4)))
-    assert searcher.calls == tries and record["rebalance_tries"] == tries
+    assert scripted.calls == tries and record["rebalance_tries"] == tries
     assert record["last_probe_recall"] == 0.9 and record["probe_recall_after_rebalance"] == after_each[tries - 1]
     assert record["trained_rows"] == 100
 
@@ -130,13 +131,13 @@ def _saved(tmp_path, mode="brute_force", n=300):
   directory = tmp_path / "index"
   # tree_ah here checks the plumbing (every leaf searched); its recall is tested above.
   cfg = {"mode": mode, **({"num_leaves": 4, "leaves_to_search": 4} if mode == "tree_ah" else {})}
-  index.save(index.build(gallery, cfg), directory, {"class_names": ["a", "b", "c"]}, rows)
+  writer.save(indexing.build(gallery, cfg), directory, {"class_names": ["a", "b", "c"]}, rows)
   return str(directory), gallery
 
 
 def _cases(rng, m, source="new001", label=1):
   patches = rng.integers(0, 255, (m, 8, 8, 3), dtype=np.uint8)
-  return growth.Cases(patches, rng.normal(size=(m, 16)).astype(np.float32), np.full(m, label),
+  return curator.Cases(patches, rng.normal(size=(m, 16)).astype(np.float32), np.full(m, label),
                       np.full(m, source), np.tile(np.arange(m, dtype=np.int32)[:, None], (1, 2)))
 
 
@@ -145,36 +146,36 @@ def test_add_and_remove_on_disk(tmp_path, mode):
   directory, gallery = _saved(tmp_path, mode)
   rng = np.random.default_rng(4)
   cases = _cases(rng, 12)
-  summary = growth.add(directory, cases)
+  summary = curator.add(directory, cases)
   assert summary["rows_before"] == 300 and summary["rows_after"] == 312
-  idx, manifest = index.load(directory)
-  rows = growth.with_origin(index.load_rows(directory))
+  idx, manifest = indexing.load(directory)
+  rows = indexing.load_rows(directory)
   assert manifest["count"] == idx.size == 312 and manifest["growth"]["generation"] == 1
   assert rows["dataset_row"][:300].tolist() == list(range(300)) and (rows["dataset_row"][300:] == -1).all()
   # An added case is found as itself, and its patch is kept for the service.
-  found, scores = index.search(idx, cases.embeddings[:3], 1)
+  found, scores = indexing.search(idx, cases.embeddings[:3], 1)
   assert found[:, 0].tolist() == [300, 301, 302] and np.allclose(scores[:, 0], 1, atol=1e-3)
   import io
 
   import PIL.Image
-  with PIL.Image.open(io.BytesIO(growth.added_patch_png(directory, rows, 305))) as im:
+  with PIL.Image.open(io.BytesIO(indexing.added_patch_png(directory, rows, 305))) as im:
     np.testing.assert_array_equal(np.asarray(im), cases.patches[5])
   with pytest.raises(ValueError, match="already in the index"):
-    growth.add(directory, cases)
-  growth.remove(directory, ["new001", "img000"])
-  idx, manifest = index.load(directory)
-  rows = growth.with_origin(index.load_rows(directory))
+    curator.add(directory, cases)
+  curator.remove(directory, ["new001", "img000"])
+  idx, manifest = indexing.load(directory)
+  rows = indexing.load_rows(directory)
   assert idx.size == 290 and manifest["growth"]["generation"] == 2
   assert not {"new001", "img000"} & set(rows["source_id"].tolist())
   assert not os.listdir(os.path.join(directory, "patches"))  # the batch's rows are all gone
   # What is left answers as a fresh index of the same dataset rows does.
   kept = rows["dataset_row"]
   queries = rng.normal(size=(8, 16)).astype(np.float32)
-  got = index.search(idx, queries, 5)[0]
+  got = indexing.search(idx, queries, 5)[0]
   want = _exact(gallery[kept], queries, 5)[0]
   assert _recall(got, want) >= (1.0 if mode != "tree_ah" else 0.95)
   with pytest.raises(KeyError, match="no row of the index"):
-    growth.remove(directory, ["nope"])
+    curator.remove(directory, ["nope"])
 
 
 def test_an_add_that_fails_mid_write_leaves_the_index_as_it_was(tmp_path, monkeypatch):
@@ -185,27 +186,28 @@ def test_an_add_that_fails_mid_write_leaves_the_index_as_it_was(tmp_path, monkey
   def broken(path, **arrays):
     real_savez(path, **arrays)
     raise OSError("disk full (simulated)")
-  monkeypatch.setattr(growth.np, "savez", broken)
+  monkeypatch.setattr(writer.np, "savez", broken)
   with pytest.raises(OSError, match="disk full"):
-    growth.add(directory, _cases(np.random.default_rng(5), 4))
+    curator.add(directory, _cases(np.random.default_rng(5), 4))
   monkeypatch.undo()
   assert {n: open(os.path.join(directory, n), "rb").read() for n in before} == before
-  assert index.load(directory)[0].size == 300
-  growth.add(directory, _cases(np.random.default_rng(5), 4))  # clears the leftover, then works
-  assert index.load(directory)[0].size == 304
+  assert indexing.load(directory)[0].size == 300
+  curator.add(directory, _cases(np.random.default_rng(5), 4))  # clears the leftover, then works
+  assert indexing.load(directory)[0].size == 304
   assert not os.path.exists(os.path.join(tmp_path, ".index.next"))
 
 
 KILL_SCRIPT = """
 import os, signal, sys
 import numpy as np
-from histojax import fileio, growth
+from histojax import fileio
+from histojax.indexing import curator, writer
 where = sys.argv[2]
 if where == "rows":
   real = np.savez
   def kill(path, **arrays):
     real(path, **arrays); os.kill(os.getpid(), signal.SIGKILL)
-  growth.np.savez = kill
+  writer.np.savez = kill
 else:  # between the two renames of the fallback swap
   fileio.exchange = lambda a, b: False
   real_rename, calls = os.rename, []
@@ -217,7 +219,7 @@ else:  # between the two renames of the fallback swap
   fileio.os.rename = rename
 rng = np.random.default_rng(6)
 m = 5
-growth.add(sys.argv[1], growth.Cases(rng.integers(0, 255, (m, 8, 8, 3), dtype=np.uint8),
+curator.add(sys.argv[1], curator.Cases(rng.integers(0, 255, (m, 8, 8, 3), dtype=np.uint8),
            rng.normal(size=(m, 16)).astype(np.float32), np.ones(m, int), np.full(m, "k"), np.zeros((m, 2), int)))
 """
 
@@ -230,12 +232,12 @@ def test_an_add_killed_mid_write_leaves_a_readable_index(tmp_path, where):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
   assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
   if where == "rows":  # killed before the swap: the index is untouched
-    assert index.load(directory)[0].size == 300
+    assert indexing.load(directory)[0].size == 300
     assert json.loads(open(os.path.join(directory, "manifest.json")).read()) == manifest
   else:  # killed with the index moved aside: recovery finishes the swap the new folder was whole for
     assert not os.path.exists(directory)
     fileio.recover_folder(directory)
-    assert index.load(directory)[0].size == 305
+    assert indexing.load(directory)[0].size == 305
   fileio.recover_folder(directory)
   assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]  # nothing half-written left
 
@@ -252,8 +254,8 @@ def test_evaluate_never_overwrites_an_index_grown_by_hand(tmp_path):
                           np.zeros((40, 2), np.int32), {"step": 1, "fingerprint": "f", "dataset": "d", "split": "train"})
   config = tiny_config("")
   config.eval.index.mode = "exact"
-  idx = index.build(emb[:30], config.eval.index, k=5)
-  index.save(idx, tmp_path / "index", {"count": 30, "growth": {"generation": 1}},
+  idx = indexing.build(emb[:30], config.eval.index, k=5)
+  writer.save(idx, tmp_path / "index", {"count": 30, "growth": {"generation": 1}},
              {"label": gallery.label[:30], "source_id": gallery.source_id[:30], "coords": gallery.coords[:30]})
   before = {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()}
   found, _ = retrieval.build_or_reuse_index(config, tmp_path, gallery, 5)

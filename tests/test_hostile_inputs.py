@@ -317,20 +317,21 @@ def _npy_declaring_more(data: bytes) -> bytes:
 
 def _index_folder(tmp_path: Path, mode: str) -> Path:
   import ml_collections
-  from histojax import index
+  from histojax import indexing
+  from histojax.indexing import writer
   rng = np.random.default_rng(0)
   gallery = rng.normal(size=(300, 16)).astype(np.float32)
   cfg = ml_collections.ConfigDict(dict(mode=mode, num_leaves=0, leaves_to_search=0, reorder=0, dims_per_block=0))
   rows = {"label": np.arange(300) % 3, "source_id": np.array([f"s{i % 7}" for i in range(300)]),
           "coords": np.zeros((300, 2), np.int32)}
-  index.save(index.build(gallery, cfg), tmp_path / "index", {"dataset": "x"}, rows)
+  writer.save(indexing.build(gallery, cfg), tmp_path / "index", {"dataset": "x"}, rows)
   return tmp_path / "index"
 
 
 def _read_index(folder: Path):
-  from histojax import index
-  idx, manifest = index.load(folder)
-  return idx, manifest, index.load_rows(folder)
+  from histojax import indexing
+  idx, manifest = indexing.load(folder)
+  return idx, manifest, indexing.load_rows(folder)
 
 
 @pytest.fixture(scope="module")
@@ -370,17 +371,17 @@ def test_damaged_index_folders(built_indexes, tmp_path, monkeypatch, mode, how):
 def test_index_refuses_a_pickle_planted_for_scann(built_indexes, tmp_path):
   """ScaNN's load_searcher unpickles scann/scann_docids.pkl when present: never reached."""
   import shutil
-  from histojax import index, untrusted
+  from histojax import indexing, untrusted
   folder = tmp_path / "index"
   shutil.copytree(built_indexes["tree_ah"], folder)
   marker = tmp_path / "MARKER"
   (folder / "scann" / "scann_docids.pkl").write_bytes(pickle.dumps(H.Payload(marker)))
   with pytest.raises(untrusted.CorruptFileError, match="scann_docids.pkl"):
-    index.load(folder)
+    indexing.load(folder)
   (folder / "scann" / "scann_docids.pkl").unlink()
   np.save(folder / "scann" / "dataset.npy", np.array([H.Payload(marker)], dtype=object), allow_pickle=True)
   with pytest.raises(untrusted.CorruptFileError, match="Python objects"):
-    index.load(folder)
+    indexing.load(folder)
   assert not marker.exists()
 
 

@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from histojax import checkpoint, evaluate, export, train
+from histojax import checkpoint, evaluate, identity, train
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
 from tests import multiprocess
@@ -182,7 +182,7 @@ def test_two_processes_fsdp_evaluate_like_one(tmp_path, tiny_data_dir):
   """2 processes x 4 devices, parameters split over fsdp across them, evaluation on.
 
   The weights fingerprint hashes whole arrays, not each process's shard, so the
-  processes agree on it (`export.fingerprint` asserts so across processes) and it
+  processes agree on it (`identity.fingerprint` asserts so across processes) and it
   equals the one a single process computes from the same checkpoint, which
   therefore reuses the export and index the 2-process job wrote and scores them alike.
   """
@@ -196,10 +196,10 @@ def test_two_processes_fsdp_evaluate_like_one(tmp_path, tiny_data_dir):
 
   config = _config(tiny_data_dir, overrides)
   trainer, state, step = checkpoint.restore_for_eval(config, workdir)
-  assert step == 4 and export.fingerprint(trainer, state) == exported["fingerprint"]
+  assert step == 4 and identity.fingerprint(trainer, state) == exported["fingerprint"]
   config.mesh.fsdp = 1  # the same weights replicated: the fingerprint does not depend on the layout
   trainer, state, _ = checkpoint.restore_for_eval(config, workdir)
-  assert export.fingerprint(trainer, state) == exported["fingerprint"]
+  assert identity.fingerprint(trainer, state) == exported["fingerprint"]
   index_written = (workdir / "index" / "manifest.json").stat().st_mtime_ns
   one = evaluate.evaluate(config, workdir)
   assert (workdir / "index" / "manifest.json").stat().st_mtime_ns == index_written  # reused, not rebuilt

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from histojax import index, pq
+from histojax import indexing, pq
+from histojax.indexing import writer
 
 
 def _codebooks(m=4, k=16, sub=3, seed=0):
@@ -39,8 +40,8 @@ def test_adc_search_equals_exact_search_over_reconstructions_ties_included():
   rng = np.random.default_rng(2)
   codes = rng.integers(0, 4, (300, 4)).astype(np.uint8)
   queries = rng.standard_normal((9, 12)).astype(np.float32)
-  found, scores = index.adc_search(queries, codes, books, k=20)
-  exact, exact_scores = index.exact_search(pq.reconstruct(codes, books), queries, k=20)
+  found, scores = indexing.adc_search(queries, codes, books, k=20)
+  exact, exact_scores = indexing.exact_search(pq.reconstruct(codes, books), queries, k=20)
   np.testing.assert_array_equal(found, exact)
   np.testing.assert_allclose(scores, exact_scores, rtol=1e-4, atol=1e-4)
   # Tied scores come lowest row first.
@@ -52,7 +53,7 @@ def test_adc_search_equals_exact_search_over_reconstructions_ties_included():
 def test_adc_search_k_larger_than_gallery_and_chunked():
   books = _codebooks()
   codes = np.random.default_rng(3).integers(0, 16, (5, 4)).astype(np.uint8)
-  found, scores = index.adc_search(np.ones((2, 12), np.float32), codes, books, k=8)
+  found, scores = indexing.adc_search(np.ones((2, 12), np.float32), codes, books, k=8)
   assert (found[:, :5] >= 0).all() and (found[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
 
 
@@ -65,18 +66,18 @@ def test_adc_index_recall_on_well_quantised_data_and_round_trip(tmp_path):
   gallery = pq.reconstruct(true_codes, books) + 0.01 * rng.standard_normal((2000, 32)).astype(np.float32)
   codes = pq.encode(gallery, books, "squared_l2")
   np.testing.assert_array_equal(codes, true_codes)
-  idx = index.build(None, {"pq_metric": "squared_l2"}, codes=codes, codebooks=books)
+  idx = indexing.build(None, {"pq_metric": "squared_l2"}, codes=codes, codebooks=books)
   assert idx.mode == "adc" and idx.gallery is None
   queries = gallery[:50] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
-  found, _ = index.search(idx, queries, 10)
+  found, _ = indexing.search(idx, queries, 10)
   exact = np.argsort(((queries[:, None] - gallery[None]) ** 2).sum(-1), axis=1)[:, :10]
   assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]) >= 0.95
   assert found[:, 0].tolist() == list(range(50))
-  index.save(idx, tmp_path / "adc", {"dataset": "x"})
-  loaded, manifest = index.load(tmp_path / "adc")
+  writer.save(idx, tmp_path / "adc", {"dataset": "x"})
+  loaded, manifest = indexing.load(tmp_path / "adc")
   assert manifest["mode"] == "adc" and manifest["metric"] == "squared_l2"
   assert not (tmp_path / "adc" / "gallery.npy").exists()  # codes only: the float gallery is not kept
-  np.testing.assert_array_equal(index.search(loaded, queries, 10)[0], found)
+  np.testing.assert_array_equal(indexing.search(loaded, queries, 10)[0], found)
 
 
 def test_bits_and_bad_shapes():
@@ -91,4 +92,4 @@ def test_bits_and_bad_shapes():
   with pytest.raises(ValueError, match="PQ metric"):
     pq.tables(np.zeros((1, 12), np.float32), books, "cosine")
   with pytest.raises(ValueError, match="has none"):
-    index.build(np.zeros((3, 12), np.float32), {"mode": "adc"})
+    indexing.build(np.zeros((3, 12), np.float32), {"mode": "adc"})

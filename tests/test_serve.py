@@ -22,7 +22,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from histojax import growth, query, serve, train
+from histojax import query, serve, train
+from histojax import index as index_cli
 from histojax.data import sources
 from tests.conftest import BACH, tiny_config
 from tfds_builders.synthetic_tissue import painter
@@ -194,7 +195,7 @@ def test_index_add_then_remove_is_served_without_a_restart(service, trained, eng
   PIL.Image.fromarray(new).save(tree / "necrosis" / "case_4242.png")
   # What `index add` runs after parsing its flags (in-process: the CLI's own process would
   # load JAX and the model again); `remove` below goes through the CLI.
-  summary = growth.run_add(served, [str(tree)], workdir=str(workdir))
+  summary = index_cli.run_add(served, [str(tree)], workdir=str(workdir))
   assert summary["rows_before"] == 48 and summary["rows_added"] == 4 and summary["rows_after"] == 52
   assert httpx.post(f"{service.url}/api/reload").json() == {"reloaded": True, "rows": 52}
   answer = _search(service.url, _png(new), "again.png").json()

@@ -8,7 +8,7 @@ from etils import epath
 
 from histojax.data import stain
 from tests.archive_fixtures import BACH_CONFIG, bach_archive, build, metadata
-from tfds_builders import common
+from tfds_builders import source_images
 
 # Ruifrok-Johnston optical densities of haematoxylin and eosin (rows), per RGB channel.
 H_OD, E_OD = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])
@@ -93,15 +93,15 @@ def test_builder_tiles_are_the_normalised_photo_tiled(tmp_path, method):
   assert b.info.metadata["config"]["stain"] == method
   source = next(s for s in b._sources(epath.Path(tmp_path / "raw")) if s.source_id == "n001")  # noqa: SLF001
   spec = config.image_spec()
-  expected = common.prepare_source(source, spec)
-  whole = stain.normalize(common.read_rgb(source.path), stain.spec(method))
+  expected = source_images.prepare_source(source, spec)
+  whole = stain.normalize(source_images.read_rgb(source.path), stain.spec(method))
   meta = metadata(ds)["train"]
   rows = [i for i, sid in enumerate(meta["source_id"]) if sid == "n001"]
   assert len(rows) == len(expected.examples) == 4
   for i in rows:
     y, x = meta["coords"][i]
     np.testing.assert_array_equal(ds["train"][i]["image"], whole[y:y + 32, x:x + 32])
-  plain = common.prepare_source(source, BACH_CONFIG.image_spec())
+  plain = source_images.prepare_source(source, BACH_CONFIG.image_spec())
   assert plain.examples[0][1]["image"] != expected.examples[0][1]["image"]
   with pytest.raises(ValueError, match="stain must be one of"):
     dataclasses.replace(BACH_CONFIG, stain="vahadane").image_spec()

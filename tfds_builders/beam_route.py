@@ -3,7 +3,7 @@
 `TiledBuilder` returns `prepare_split(...)` instead of a generator when TFDS is
 given a Beam runner or options (`histojax.prepare --beam_runner`, or
 `tfds build --beam_pipeline_options`). Each worker runs the same
-`common.prepare_source` as the local route and TFDS's Beam writer orders the
+`source_images.prepare_source` as the local route and TFDS's Beam writer orders the
 examples by the same hashed keys, so both routes write the same records.
 
 The local route counts drops and corrupt images in the generator; here they
@@ -19,7 +19,8 @@ import apache_beam as beam
 from absl import logging
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 
-from tfds_builders import common
+from tfds_builders.source_images import (MAX_PIXELS, BuildError, ImageSpec, SourceImage, corrupt_image_error,
+                                          prepare_source)
 
 NAMESPACE = "histojax.prepare"
 COUNTERS = ("source_images", "tiles_kept", "tiles_dropped", "images_without_tiles", "corrupt")
@@ -29,14 +30,14 @@ def _namespace(split: str) -> str:
   return f"{NAMESPACE}/{split}"
 
 
-def prepare_examples(source: common.SourceImage, spec: common.ImageSpec, split: str, skip_corrupt: bool,
-                     max_pixels: int = common.MAX_PIXELS) -> list[tuple[str, dict[str, Any]]]:
+def prepare_examples(source: SourceImage, spec: ImageSpec, split: str, skip_corrupt: bool,
+                     max_pixels: int = MAX_PIXELS) -> list[tuple[str, dict[str, Any]]]:
   """One source image's examples, counted; a corrupt image stops the job unless skipped."""
-  result = common.prepare_source(source, spec, max_pixels)
+  result = prepare_source(source, spec, max_pixels)
   namespace = _namespace(split)
   if result.error:
     if not skip_corrupt:
-      raise common.corrupt_image_error(result.error)
+      raise corrupt_image_error(result.error)
     logging.warning("skipping corrupt image: %s", result.error)
     Metrics.counter(namespace, "corrupt").inc()
     Metrics.string_set(namespace, "corrupt_skipped").add(source.path)
@@ -48,8 +49,8 @@ def prepare_examples(source: common.SourceImage, spec: common.ImageSpec, split: 
 
 
 @beam.ptransform_fn
-def prepare_split(pipeline, sources: Sequence[common.SourceImage], spec: common.ImageSpec, split: str,
-                  skip_corrupt: bool, max_pixels: int = common.MAX_PIXELS):
+def prepare_split(pipeline, sources: Sequence[SourceImage], spec: ImageSpec, split: str,
+                  skip_corrupt: bool, max_pixels: int = MAX_PIXELS):
   # Create reshuffles its elements, so the images spread over the workers.
   return (pipeline
           | "Sources" >> beam.Create(list(sources))
@@ -57,14 +58,14 @@ def prepare_split(pipeline, sources: Sequence[common.SourceImage], spec: common.
                                             max_pixels=max_pixels))
 
 
-def split_stats(result, split: str, sources: Sequence[common.SourceImage]) -> dict[str, Any]:
+def split_stats(result, split: str, sources: Sequence[SourceImage]) -> dict[str, Any]:
   """The local route's per-split record, from the finished pipeline's metrics."""
   metrics = result.metrics().query(MetricsFilter().with_namespace(_namespace(split)))
   counts = dict.fromkeys(COUNTERS, 0)
   counts.update({m.key.metric.name: _final(m) for m in metrics["counters"]})
   skipped = set().union(set(), *(_final(m) for m in metrics.get("string_sets", [])))
   if counts["source_images"] != len(sources):
-    raise common.BuildError(
+    raise BuildError(
         f"split {split!r}: the Beam runner's metrics count {counts['source_images']} of {len(sources)} "
         "source images, so the drop and corrupt counts cannot be trusted; nothing was marked prepared. "
         "Use a runner that reports committed counters (Direct, Dataflow, Flink, Spark).")

@@ -2,9 +2,9 @@
 
 A builder only says where its archive keeps the images and which label, split
 and source id each one has (`_sources`). Everything else is here: checking the
-manual_dir, decoding (and naming corrupt files), tiling with the shared tissue
-filter (`histojax.data.tiling`), keeping every source image in one split,
-preparing images in worker processes, and recording what was dropped or
+manual_dir, keeping every source image in one split, preparing images in worker
+processes (the per-image work, decoding, naming corrupt files and tiling, is
+`source_images`'s, shared with the Beam route), and recording what was dropped or
 skipped in the dataset's metadata so the summary can report it later.
 
 Why processes and not threads: decoding, resizing and PNG encoding hold the GIL
@@ -18,7 +18,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import io
 import itertools
 import multiprocessing
 import os
@@ -26,30 +25,16 @@ import re
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
 from histojax.data import images, stain, tiling
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
-# Histology images are legitimately huge (BRACS RoIs pass 100 Mpx): archives get a
-# generous pixel limit, passed to each decode (never set process-wide on import);
-# `prepare --max_pixels` raises it.
-MAX_PIXELS = images.DEFAULT_MAX_PIXELS["archive"]
-
-
-class BuildError(Exception):
-  """A build stopped on its input; the message says what to fix. Nothing was marked prepared."""
-
+from tfds_builders.source_images import (MAX_PIXELS, BuildError, CorruptImageError, ImageSpec, SourceImage,
+                                          corrupt_image_error, prepare_source)
 
 class ManualDirError(BuildError, FileNotFoundError):
   """The manual_dir is missing, empty, or not laid out as the archive is."""
-
-
-class CorruptImageError(BuildError, ValueError):
-  """An image file that cannot be decoded; the message names the file."""
 
 
 class EmptySplitError(BuildError, ValueError):
@@ -89,99 +74,6 @@ class SplitConfig(TiledConfig):
   split_seed: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageSpec:
-  """The picklable part of a config that worker processes need."""
-  tiles: tiling.TilingConfig | None
-  resize: float
-  image_size: tuple[int, int] | None
-  encoding: str
-  stain: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceImage:
-  path: str
-  label: int
-  source_id: str  # unique in the dataset; all tiles of the image carry it
-  split: str  # the split it is written to
-  original_split: str = ""  # as the archive names it; "" where it has none
-  extra: tuple[tuple[str, Any], ...] = ()  # builder-specific features, same for every tile
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-  source: SourceImage
-  examples: list[tuple[str, dict[str, Any]]]
-  dropped: int
-  error: str = ""  # set when the file could not be decoded
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def read_rgb(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-  """HxWx3 uint8 (`histojax.data.images.read_image`); any failure raises CorruptImageError naming the file."""
-  try:
-    return images.read_image(_readable(path), max_pixels=max_pixels, name=path)
-  except images.ImageError as e:
-    raise CorruptImageError(f"cannot decode image {e}") from e
-  except OSError as e:  # a gs:// file that cannot be read (local paths: ImageError above)
-    raise CorruptImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
-
-
-def _readable(path: str):
-  """What the decoder opens: a local path as it is; a gs:// (or other epath) path as its bytes."""
-  return epath.Path(path).read_bytes() if "://" in path else path
-
-
-def encode(array: np.ndarray, encoding: str) -> bytes:
-  # Encoded bytes, not arrays: TFDS would need TensorFlow to encode arrays.
-  buf = io.BytesIO()
-  if encoding == "jpeg":
-    PIL.Image.fromarray(array).save(buf, format="JPEG", quality=95)
-  else:
-    # Level 1: measured on BACH tiles, 3x faster than the default 6 for 7% more bytes;
-    # encoding is the slowest step of a build.
-    PIL.Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-  return buf.getvalue()
-
-
-def read_stained(path: str, spec: ImageSpec, max_pixels: int) -> np.ndarray:
-  """The decoded image, stain-normalised as the spec says (the query path makes the same call)."""
-  return stain.normalize(read_rgb(path, max_pixels), stain.spec(spec.stain))
-
-
-def _whole_image(path: str, spec: ImageSpec, max_pixels: int) -> bytes:
-  image = read_stained(path, spec, max_pixels)  # checks the file before the header is trusted below
-  header = images.probe(_readable(path), name=path)
-  untouched = (header.format in ("JPEG", "PNG") and header.mode == "RGB" and header.orientation == 1
-               and spec.stain is None)
-  if spec.image_size is None and spec.resize == 1.0 and untouched:
-    return epath.Path(path).read_bytes()  # already RGB JPEG/PNG: keep the original bytes
-  return encode(tiling.whole_image(image, spec.resize, spec.image_size), spec.encoding)
-
-
-def prepare_source(source: SourceImage, spec: ImageSpec, max_pixels: int = MAX_PIXELS) -> Prepared:
-  """All examples of one source image. Runs in worker processes: must stay picklable."""
-  try:
-    if spec.tiles is None:
-      tiles = [(0, 0, _whole_image(source.path, spec, max_pixels))]
-      dropped = 0
-    else:
-      kept, dropped = tiling.tile_image(read_stained(source.path, spec, max_pixels), spec.tiles)
-      tiles = [(t.y, t.x, encode(t.image, spec.encoding)) for t in kept]
-  except CorruptImageError as e:
-    return Prepared(source, [], 0, str(e))
-  examples = []
-  for y, x, image in tiles:
-    example = {"image": image, "label": source.label, "source_id": source.source_id,
-               "coords": np.array([y, x], np.int32), "original_split": source.original_split,
-               **dict(source.extra)}
-    examples.append((f"{source.source_id}:{y}:{x}", example))
-  return Prepared(source, examples, dropped)
-
-
 def ordered_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
   """fn over items in worker processes, results in input order.
 
@@ -210,8 +102,7 @@ def ordered_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
 def list_images(folder: epath.PathLike) -> list[epath.Path]:
   """Image files directly in `folder`, sorted; hidden files (macOS `._*` forks) skipped."""
   folder = epath.Path(folder)
-  return sorted(p for p in folder.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+  return sorted(p for p in folder.iterdir() if p.is_file() and images.is_image_file(p.name))
 
 
 def subfolders(folder: epath.PathLike) -> list[epath.Path]:
@@ -443,12 +334,12 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _beam_examples(self, split: str, sources: list[SourceImage]):
     """The Beam route: the same prepare_source on each image, on the runner TFDS was given."""
-    from tfds_builders import beam_route  # apache-beam is an optional extra
+    from tfds_builders import beam_route  # noqa: PLC0415  (apache-beam is an optional extra)
     return beam_route.prepare_split(sources, self.image_spec(split), split, self._skip_corrupt, self._max_pixels)
 
   def _process_pipeline_result(self, pipeline_result) -> None:
     # Runs after the pipeline and before TFDS finalises the splits and writes metadata.json.
-    from tfds_builders import beam_route
+    from tfds_builders import beam_route  # noqa: PLC0415  (apache-beam is an optional extra)
     for split, sources in self._split_sources.items():
       stats = beam_route.split_stats(pipeline_result, split, sources)
       self._check_not_empty(split, stats)
@@ -458,12 +349,6 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not stats["tiles_kept"]:
       raise EmptySplitError(f"{self.name}: split {split!r} has no examples: {stats['source_images']} images "
                             f"gave {stats['tiles_dropped']} tiles, all dropped by the tissue filter")
-
-
-def corrupt_image_error(error: str) -> CorruptImageError:
-  """The stop of a build on a corrupt image, worded the same on every route."""
-  return CorruptImageError(f"{error}\nNothing was marked prepared. Replace the file, or pass "
-                           "--skip_corrupt to leave it out and count it.")
 
 
 def _corrupt_image_in(runner_error: str) -> str:

@@ -39,6 +39,10 @@ DEFAULT_MAX_PIXELS = {"archive": 2_000_000_000, "search": 300_000_000, "serve": 
 
 # Pillow format ids parsed; anything else is refused as not an image.
 FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP", "WEBP", "GIF", "PPM")
+# The file name endings of those formats, as Pillow registers them (.tif, .jpe, .pgm ...): the
+# one list every folder walk uses (builders, search, index add, embed), so a file one of them
+# takes for an image is one the others take too.
+SUFFIXES = tuple(sorted(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in FORMATS))
 
 _GREY_WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _ALPHA = ("RGBA", "LA", "P", "PA", "La", "RGBa")
@@ -169,3 +173,32 @@ def _to_rgb(im: PIL.Image.Image) -> np.ndarray:
     white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return np.asarray(PIL.Image.alpha_composite(white, rgba).convert("RGB"))
   return np.asarray(im.convert("RGB"))
+
+
+# --- Finding images -------------------------------------------------------------------------
+
+def is_image_file(path) -> bool:
+  """A file whose name ends in one of `SUFFIXES` (any case), not hidden."""
+  name = os.path.basename(os.fspath(path))
+  return name.lower().endswith(SUFFIXES) and not name.startswith(".")
+
+
+def image_paths(items: list[str], flag: str = "--images") -> list[str]:
+  """Files as given, and the image files under each folder (recursively, sorted).
+
+  Fails, naming `flag`, before anything is read if a path does not exist or a folder
+  holds no image.
+  """
+  paths = []
+  for item in items:
+    if os.path.isdir(item):
+      found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
+                     if is_image_file(name))
+      if not found:
+        raise FileNotFoundError(f"{flag}: folder {item} holds no image ({', '.join(SUFFIXES)})")
+      paths.extend(found)
+    elif os.path.isfile(item):
+      paths.append(item)
+    else:
+      raise FileNotFoundError(f"{flag}: {item} does not exist")
+  return paths

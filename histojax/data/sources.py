@@ -16,8 +16,12 @@ import os
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
+
+from histojax.monitor import info
 
 
 def builder(name: str, data_dir: str = "", **builder_kwargs) -> tfds.core.DatasetBuilder:
@@ -35,7 +39,7 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: b
   TFDS writes into an `incomplete.*` folder and renames it only once every
   split is written, so an interrupted build never reads as prepared.
   `skip_corrupt`, `workers` (processes) and `max_pixels` (per image; default
-  `tfds_builders.common.MAX_PIXELS`) apply to the archive-reading builders
+  `tfds_builders.source_images.MAX_PIXELS`) apply to the archive-reading builders
   (`tfds_builders.common.TiledBuilder`, whose constructor takes them), and so does `beam_runner`: it
   prepares the images as an Apache Beam pipeline on that runner, with
   `beam_options` its pipeline flags (e.g. `--project=...`, `--region=...`).
@@ -69,8 +73,8 @@ def beam_pipeline_options(runner: str | None, flags: Sequence[str] = (), workers
     return None
   if runner not in BEAM_RUNNERS:
     raise ValueError(f"unknown Beam runner {runner!r}; one of {BEAM_RUNNERS}")
-  try:
-    from apache_beam.options.pipeline_options import PipelineOptions
+  try:  # apache-beam is an optional extra (requirements-beam.txt): imported only for the Beam route
+    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415
   except ImportError as e:
     raise ImportError("the Beam route needs apache-beam: pip install -r requirements-beam.txt") from e
   flags = [f"--runner={runner}", *flags]
@@ -170,10 +174,6 @@ def _text(value) -> str:
 def ensure_prepared(dataset_config) -> None:
   """Builds the configured dataset once if it is missing (process 0 builds,
   the others wait), or fails with the command that would build it."""
-  import jax
-
-  from histojax.monitor import info
-
   cfg = dataset_config
   if builder(cfg.name, cfg.data_dir).is_prepared():
     return
@@ -187,5 +187,4 @@ def ensure_prepared(dataset_config) -> None:
     info("prepared %s in %.1f s: %s", built["dataset"], built["seconds"],
          {k: v["examples"] for k, v in built["splits"].items()})
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("histojax:dataset_prepared")

@@ -22,6 +22,10 @@ same call: `normalize(image, spec)` on the whole uint8 RGB image.
 from __future__ import annotations
 
 import numpy as np
+from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+from torchstain.numpy.utils.lab2rgb import lab2rgb
+from torchstain.numpy.utils.rgb2lab import rgb2lab
+from torchstain.numpy.utils.split import lab_merge, lab_split
 
 METHODS = ("macenko", "reinhard")
 # Macenko's reference (the values of the original implementation and of torchstain):
@@ -68,7 +72,6 @@ def normalize(image: np.ndarray, spec_: dict | None) -> np.ndarray:
   if spec_["method"] == "reinhard":
     return _reinhard(image, stained, spec_)
   io, beta = float(spec_["io"]), float(spec_["beta"])
-  from torchstain.numpy.normalizers import NumpyMacenkoNormalizer  # pylint: disable=import-outside-toplevel
   normalizer = NumpyMacenkoNormalizer()
   normalizer.HERef = np.asarray(spec_["stain_matrix"], np.float64)
   normalizer.maxCRef = np.asarray(spec_["max_concentration"], np.float64)
@@ -88,15 +91,11 @@ def stained_pixels(image: np.ndarray, spec_: dict) -> np.ndarray:
 
 def lab_statistics(image: np.ndarray, stained: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(L*a*b* of every pixel [h*w, 3], mean and standard deviation over the `stained` ones)."""
-  from torchstain.numpy.utils.rgb2lab import rgb2lab  # pylint: disable=import-outside-toplevel
-  from torchstain.numpy.utils.split import lab_split  # pylint: disable=import-outside-toplevel
   lab = np.stack(lab_split(rgb2lab(image.reshape(-1, 3).astype(np.float32) / 255)), axis=-1)
   return lab, lab[stained].mean(0), lab[stained].std(0)
 
 
 def _reinhard(image: np.ndarray, stained: np.ndarray, spec_: dict) -> np.ndarray:
-  from torchstain.numpy.utils.lab2rgb import lab2rgb  # pylint: disable=import-outside-toplevel
-  from torchstain.numpy.utils.split import lab_merge  # pylint: disable=import-outside-toplevel
   lab, mean, std = lab_statistics(image, stained)
   target_mean, target_std = np.asarray(spec_["lab_mean"], np.float32), np.asarray(spec_["lab_std"], np.float32)
   lab = (lab - mean) / np.maximum(std, 1e-6) * target_std + target_mean

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 import PIL.Image
+from skimage.filters import threshold_otsu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,6 @@ def saturation(image: np.ndarray) -> np.ndarray:
 
 
 def otsu_threshold(values: np.ndarray) -> float:
-  from skimage.filters import threshold_otsu  # noqa: PLC0415  (only when asked for)
   values = np.asarray(values, np.float32).ravel()
   return float(threshold_otsu(values)) if values.min() < values.max() else float(values.min())
 

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from histojax import models
+from histojax import models, weights
 from histojax.data import colour
 from histojax.registry import Registry
 
@@ -59,7 +59,6 @@ class Objective:
     return None
 
   def load_weights(self, state, directory):
-    from histojax import weights  # noqa: PLC0415  (import cost only when used)
     return weights.init_train_state(state, directory)
 
   def augment(self, images, rng: jax.Array, view: int = 1):

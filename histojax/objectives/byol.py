@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from histojax.objectives.base import OBJECTIVES, Objective
+from histojax.weights import store
 
 
 def regression_loss(prediction, target):
@@ -99,7 +100,6 @@ class BYOL(Objective):
     return model.online(images)
 
   def load_weights(self, state, directory):
-    from histojax.weights import store  # noqa: PLC0415
     model_state = state[0]
     model_state["online"] = store.apply(model_state["online"], directory)
     model_state["target"] = store.apply(model_state["target"], directory)  # the copy starts equal

@@ -16,6 +16,7 @@ from flax import nnx
 from histojax.models.quantizer import ProductQuantizer
 from histojax.objectives.base import OBJECTIVES, Objective
 from histojax.objectives.contrastive import cross_quantized_contrastive_loss
+from histojax.weights import store
 
 
 class SPQNet(nnx.Module):
@@ -61,7 +62,6 @@ class SPQ(Objective):
     return model.quantizer.unit_codebooks(), "dot_product"
 
   def load_weights(self, state, directory):
-    from histojax.weights import store  # noqa: PLC0415
     state[0]["embedder"] = store.apply(state[0]["embedder"], directory)
     return state
 

@@ -10,8 +10,10 @@ archives hold a module tree, flattened here the way `state_dict()` names it.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from histojax.weights import torch_pickle
 
@@ -54,7 +56,6 @@ def read_state_dict(path: str, key: str = "", prefix: str = "", max_bytes: int |
 def _read_safetensors(path: str, max_bytes: int) -> dict[str, np.ndarray]:
   """The library validates the header (length, JSON, offsets inside the file, no overlap);
   its errors are named here. Tensors are file bytes, so the file size bounds them."""
-  from safetensors import SafetensorError, safe_open  # noqa: PLC0415  (only needed for this format)
   if os.path.getsize(path) > max_bytes + (100 << 20):  # + the largest header the format allows
     raise torch_pickle.CheckpointReadError(f"{path}: {os.path.getsize(path):,} bytes, over the bound of "
                                            f"{max_bytes:,} for the model being filled")
@@ -67,7 +68,6 @@ def _read_safetensors(path: str, max_bytes: int) -> dict[str, np.ndarray]:
 
 def _read_npz(path: str, max_bytes: int) -> dict[str, np.ndarray]:
   """Arrays of a .npz, pickled objects refused; compressed members may not inflate past max_bytes."""
-  import zipfile  # noqa: PLC0415
   try:
     with zipfile.ZipFile(path) as z:
       declared = sum(i.file_size for i in z.infolist())

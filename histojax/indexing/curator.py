@@ -1,0 +1,150 @@
+"""Changing a saved index's gallery: the one way in for every writer after `evaluate` built it.
+
+The command line (`python -m histojax.index add|remove`) calls it today; the service's
+curator routes call it with the model they already hold. New cases are cut as the
+gallery was cut (the query engine's `cut`: the manifest's tiling), embedded with the
+index's own model, and appended: the row order of the searcher and `rows.npz` stay one
+and the same. An image's source id is its file stem; one already in the index is
+refused (remove it first). Removal follows ScaNN's delete (`searcher.delete_order`):
+rows are renumbered, the same order applied to every mode and to `rows.npz`.
+
+Added patches are kept in the index (`patches/<batch>.pngs`: the model-input crops, PNG,
+concatenated) so the service can show them; `rows.npz` says for every row where its
+picture is (`store.ORIGIN_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from histojax import fileio
+from histojax.data import images as images_lib
+from histojax.indexing import growth, searcher, writer
+
+
+@dataclasses.dataclass
+class Cases:
+  """Tiles of new source images, ready to append."""
+  patches: np.ndarray  # [m, s, s, 3] uint8, as the model saw them
+  embeddings: np.ndarray  # [m, d]
+  label: np.ndarray  # [m] int64
+  source_id: np.ndarray  # [m] str
+  coords: np.ndarray  # [m, 2] int32
+
+
+def _concat_rows(a: dict, b: dict) -> dict:
+  return {key: np.concatenate([a[key], b[key]]) for key in a}
+
+
+def add(directory: str, cases: Cases, rebalance: bool = False) -> dict:
+  """Appends `cases` to the index in `directory`; returns a summary."""
+  directory = os.fspath(directory)
+  with fileio.folder_lock(directory):
+    idx, manifest, rows = growth.open_current(directory)
+    clash = sorted(set(cases.source_id.tolist()) & set(rows["source_id"].tolist()))
+    if clash:
+      raise ValueError(f"source id(s) {clash[:5]} already in the index {directory}; remove them first "
+                       "(`python -m histojax.index remove --source ID`) or rename the files")
+    start = time.perf_counter()
+    before = idx.size
+    idx = searcher.append(idx, cases.embeddings)
+    data, offsets, lengths = writer.encode_patches(cases.patches)
+    batch = f"patches/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.pngs"
+    m = len(cases.label)
+    rows = _concat_rows(rows, {"label": cases.label.astype(rows["label"].dtype), "source_id": cases.source_id,
+                               "coords": cases.coords.astype(rows["coords"].dtype),
+                               "dataset_row": np.full(m, -1, np.int64), "patch_file": np.full(m, batch),
+                               "patch_offset": offsets, "patch_bytes": lengths})
+    record = growth.growth_record(manifest)
+    record["changed_since_training"] += m
+    rebalanced = growth.maybe_rebalance(idx, record, rebalance, cases.embeddings)
+    sources = sorted(set(cases.source_id.tolist()))
+    growth.log_change(record, {"op": "add", "rows": m, "sources": sources, "rebalanced": rebalanced})
+    growth.write_generation(directory, idx, {**manifest, "growth": record}, rows, {batch: data})
+    return {"index": directory, "rows_before": before, "rows_added": m, "rows_after": idx.size,
+            "sources_added": len(sources), "rebalanced": rebalanced,
+            "probe_recall": record.get("last_probe_recall"),
+            "probe_recall_after_rebalance": record.get("probe_recall_after_rebalance") if rebalanced else None,
+            "seconds_write": round(time.perf_counter() - start, 3)}
+
+
+def remove(directory: str, source_ids: list[str], rebalance: bool = False) -> dict:
+  """Takes every row of `source_ids` out of the index in `directory`; returns a summary."""
+  directory = os.fspath(directory)
+  with fileio.folder_lock(directory):
+    idx, manifest, rows = growth.open_current(directory)
+    known = set(rows["source_id"].tolist())
+    missing = [s for s in source_ids if s not in known]
+    if missing:
+      some = ", ".join(sorted(known)[:5])
+      raise KeyError(f"no row of the index {directory} has source id(s) {missing}; its sources look like: {some}")
+    start = time.perf_counter()
+    positions = np.flatnonzero(np.isin(rows["source_id"], list(source_ids)))
+    before = idx.size
+    idx, order = searcher.delete(idx, positions)
+    rows = {key: value[order] for key, value in rows.items()}
+    record = growth.growth_record(manifest)
+    record["changed_since_training"] += len(positions)
+    rebalanced = growth.maybe_rebalance(idx, record, rebalance)
+    growth.log_change(record, {"op": "remove", "rows": int(len(positions)), "sources": sorted(source_ids),
+                               "rebalanced": rebalanced})
+    growth.write_generation(directory, idx, {**manifest, "growth": record}, rows)
+    return {"index": directory, "rows_before": before, "rows_removed": int(len(positions)), "rows_after": idx.size,
+            "rebalanced": rebalanced, "seconds_write": round(time.perf_counter() - start, 3)}
+
+
+# --- New cases from image files ---------------------------------------------------------
+
+def labelled_images(items: list[str], label: str | None, class_names: list[str]) -> list[tuple[str, int]]:
+  """(path, label id) of every image: `label` for all, else each image's folder name."""
+  out = []
+  for path in images_lib.image_paths(items, "--images"):
+    name = label if label is not None else os.path.basename(os.path.dirname(os.path.abspath(path)))
+    if name not in class_names:
+      where = "--label" if label is not None else f"the folder of {path}"
+      raise ValueError(f"{where} names class {name!r}; the index's classes are {class_names}")
+    out.append((path, class_names.index(name)))
+  return out
+
+
+def cut_cases(images: list[tuple[str, int]], cut: Callable, embed: Callable, read: Callable) -> tuple[Cases, list[str]]:
+  """Cases of every image (cut as the gallery was, embedded by the index's model), and the
+  images that gave no tile (all background) as messages."""
+  parts, empty, seen = [], [], {}
+  for path, label in images:
+    source = os.path.splitext(os.path.basename(path))[0]
+    if source in seen:
+      raise ValueError(f"{path} and {seen[source]} would share the source id {source!r}; rename one")
+    seen[source] = path
+    patches = cut(read(path))
+    if not len(patches.images):
+      empty.append(f"{path}: no tile passed the tissue filter ({patches.dropped} dropped); not added")
+      continue
+    n = len(patches.images)
+    parts.append((patches.images, np.full(n, label, np.int64), np.full(n, source),
+                  np.asarray(patches.coords, np.int32).reshape(n, 2)))
+  if not parts:
+    raise ValueError("no tile to add: " + "; ".join(empty) if empty else "no image given")
+  patches = np.concatenate([p[0] for p in parts])
+  cases = Cases(patches, np.asarray(embed(patches), np.float32), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+  return cases, empty
+
+
+def add_images(engine, directory: str, items: list[str], label: str | None = None,
+               rebalance: bool = False) -> dict:
+  """Reads, cuts and embeds image files with `engine` (an open `query.QueryEngine` on this
+  index: its model and tiling), then appends them."""
+  labelled = labelled_images(items, label, list(engine.class_names))
+  read = lambda path: images_lib.read_image(path, max_pixels=images_lib.DEFAULT_MAX_PIXELS["search"])
+  start = time.perf_counter()
+  cases, empty = cut_cases(labelled, engine.cut, engine.model.embed, read)
+  embedded = time.perf_counter() - start
+  summary = add(directory, cases, rebalance)
+  return {**summary, "images": len(labelled), "skipped": empty, "seconds_cut_embed": round(embedded, 3)}
