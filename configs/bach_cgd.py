@@ -8,8 +8,8 @@ cross-entropy on an auxiliary classifier over the first descriptor.
     python -m histojax.train --config configs/bach_cgd.py --workdir gs://BUCKET/bach_cgd
 
 Variants: cpu (~12 min on 2 cores, from the step rate), cpu_x5 (BACH at 5x, 64 px tiles, 450
-steps, D8 test-time averaging: the recipe measured on held-out patients, see the README),
-quickstart (synthetic, ~1 min), tiny (tests).
+steps, D8 test-time averaging: the recipe measured on held-out patients, see
+docs/methods-and-results.md), quickstart (synthetic, ~1 min), tiny (tests).
 """
 
 from configs.common import supervised_bach, supervised_bach_on_cpu, synthetic_sizes
@@ -30,7 +30,7 @@ def get_config(arg=None):
     supervised_bach_on_cpu(c)
     c.model.embed_dim = 384
   if "cpu_x5" in v:
-    # Measured on held-out patients (README, "BACH on patients it has never seen"): 5x context
+    # Measured on held-out patients (docs/methods-and-results.md, the BACH section): 5x context
     # in 64 px tiles seen at one scale in training and search (crops keep >= 64% of the tile,
     # search takes all of it), 450 steps. Light colour and HED jitter: against the strong one
     # (0.25 / hue 0.05, HED 0.2 on 80%, 10% grey) it won every validation metric over 3 seeds
@@ -41,7 +41,8 @@ def get_config(arg=None):
     c.augment.view1 = colour.view_defaults(jitter_prob=0.8, brightness=0.2, contrast=0.2, saturation=0.1,
                                            hue=0.02, hed_prob=0.5, hed_scale=0.05, grayscale_prob=0.0)
     # Gallery and queries embedded as the mean over the 8 flips/rotations: on the validation
-    # photos P@5 0.33 -> 0.43 and majority vote@5 0.34 -> 0.46 in each of 3 seeds (README).
+    # photos P@5 0.33 -> 0.43 and majority vote@5 0.34 -> 0.46 in each of 3 seeds
+    # (docs/methods-and-results.md).
     c.eval.tta = "d8"
   synthetic_sizes(c, v, embed_dim={"quickstart": 192, "tiny": 48})
   return c

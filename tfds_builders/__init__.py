@@ -2,5 +2,5 @@
 so `tfds.builder(name)` and `tfds.data_source(name)` find them by name."""
 from tfds_builders import bach, bracs, crc, image_folder, kimia_path24, pair_query, synthetic_tissue  # noqa: F401
 
-# Dataset names this package provides, in the order the README lists them.
+# Dataset names this package provides, in the order docs/datasets.md lists them.
 NAMES = ("synthetic_tissue", "bach", "bracs", "crc", "kimia_path24", "pair_query", "image_folder")
