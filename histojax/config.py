@@ -70,6 +70,12 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
   c.optimizer.momentum = 0.9  # sgd and lars
   c.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
 
+  # Fine-tuning a pretrained trunk (histojax/optim.py): which of it trains, and how fast by depth.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.trunk = "train"  # train | frozen (head only) | last_blocks (the last `unfrozen_blocks` + head)
+  c.finetune.unfrozen_blocks = 0  # last_blocks: how many of the trunk's blocks (ResNet: stages) train
+  c.finetune.layer_decay = 1.0  # block i of L learns at lr * layer_decay ** (L + 1 - i); 1: no decay
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1 takes the devices fsdp leaves
   c.mesh.fsdp = 1  # devices that split params + optimizer state (FSDP); 1 replicates; -1 takes all
@@ -114,6 +120,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"got {config.total_steps}")
   if config.optimizer.name not in optim.NAMES:
     raise ValueError(f"optimizer.name must be one of {optim.NAMES}, got {config.optimizer.name!r}")
+  _validate_finetune(config.finetune)
   models.MODELS.get(config.model.name)
   objectives.OBJECTIVES.get(config.objective.name)
   # index knobs fail here, before training, not at eval
@@ -121,6 +128,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.tta not in ("none", "d8"):  # step.TTA_MODES; step imports config, not the other way round
     raise ValueError(f"eval.tta must be 'none' or 'd8', got {config.eval.tta!r}")
   sharding.compile_rules(config.mesh)
+
+
+def _validate_finetune(ft: ml_collections.ConfigDict) -> None:
+  if ft.trunk not in optim.TRUNKS:
+    raise ValueError(f"finetune.trunk must be one of {optim.TRUNKS}, got {ft.trunk!r}")
+  if (ft.trunk == "last_blocks") != (ft.unfrozen_blocks > 0) or ft.unfrozen_blocks < 0:
+    raise ValueError(f"finetune.unfrozen_blocks must be positive with trunk='last_blocks' and 0 otherwise, "
+                     f"got {ft.unfrozen_blocks} with trunk={ft.trunk!r}")
+  if not 0 < ft.layer_decay <= 1:
+    raise ValueError(f"finetune.layer_decay must be in (0, 1], got {ft.layer_decay}")
 
 
 def parse_variants(arg: str | None, known: dict[str, tuple]) -> dict[str, str | bool]:

@@ -44,7 +44,7 @@ def _builder(config: ml_collections.ConfigDict):
   optimizer trains.
   """
   objective = objectives.build(config)
-  tx, lr = optim.make_optimizer(config.optimizer, config.total_steps)
+  tx, lr = optim.make_optimizer(config.optimizer, config.total_steps, config.finetune)
 
   def build():
     model = objective.build_model(config.seed)
