@@ -394,6 +394,9 @@ def run(index_dir: str, host: str = "127.0.0.1", port: int = 8080, workdir: str 
   warning = auth.check_bind(host, gate.enabled, insecure_no_auth)  # before the model loads: fail fast
   if warning:
     print(warning, file=sys.stderr, flush=True)
+  if gate.tokens is not None and not gate.tokens.active():
+    print(f"histojax.serve: {gate.tokens.path} holds no active token: nobody can sign in with one",
+          file=sys.stderr, flush=True)
   if gate.enabled and not gate.audit.enabled:
     print("histojax.serve: no --audit_log: searches and changes are not recorded", file=sys.stderr, flush=True)
   engine = query.QueryEngine.open(index_dir, workdir, step)

@@ -709,24 +709,28 @@ class Running:
     self.thread.join(30)
 
 
-@pytest.mark.parametrize("trusted", [False, True], ids=["no proxy configured", "127.0.0.1 trusted"])
+@pytest.mark.parametrize("trusted", ["127.0.0.1", "10.9.9.9", None],
+                         ids=["127.0.0.1 trusted", "another address trusted", "no proxy at all"])
 def test_forwarded_headers_are_believed_only_from_the_trusted_proxy(lab, tmp_path, trusted):
   log = tmp_path / "audit.jsonl"
-  networks = auth.parse_networks(["127.0.0.1" if trusted else "10.9.9.9"])
-  gate = auth.Gate(tokens.TokenStore(lab["tokens"]), auth.Proxy(networks, "X-Forwarded-User",
-                                                                tokens.ProxyRoles(lab["roles"])),
-                   audit.AuditLog(str(log)))
+  proxy = auth.Proxy(auth.parse_networks([trusted]), "X-Forwarded-User", tokens.ProxyRoles(lab["roles"])) \
+      if trusted else None
+  gate = auth.Gate(tokens.TokenStore(lab["tokens"]), proxy, audit.AuditLog(str(log)))
   server = Running(make_app(lab, gate))
   try:
     spoof = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https", "X-Forwarded-User": "cora"}
     response = httpx.get(f"{server.url}/api/info", headers=spoof, timeout=30)
+    logged_in = httpx.post(f"{server.url}/api/login", json={"token": lab["issued"]["rita"]},
+                           headers={**spoof, "Origin": "https://" + server.url.split("//")[1]}, timeout=30)
   finally:
     server.close()
-  event = json.loads(log.read_text().splitlines()[-1])
-  if trusted:
+  event = json.loads(log.read_text().splitlines()[0])
+  if trusted == "127.0.0.1":
     assert response.status_code == 200 and (event["user"], event["client"]) == ("cora", "203.0.113.9")
-  else:  # uvicorn did not rewrite the peer either: the log has the real one
+    assert logged_in.status_code == 200 and "Secure" in logged_in.headers["set-cookie"]
+  else:  # uvicorn did not rewrite the peer either: the log has the real one, and https is not believed
     assert response.status_code == 401 and (event["user"], event["client"]) == (None, "127.0.0.1")
+    assert logged_in.status_code == 403 and "Origin" in logged_in.json()["error"]
 
 
 # --- The page in Chromium -----------------------------------------------------------------------
