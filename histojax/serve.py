@@ -264,9 +264,10 @@ def error_response(e: HTTPError) -> JSONResponse:
 
 def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int = 64 * MiB,
               max_pixels: int | None = None, batching: bool = True, batch_wait_ms: float = 5.0,
-              max_batch: int = 16, gate: auth.Gate | None = None, cors_origins=()) -> Starlette:
+              max_batch: int = 16, gate: auth.Gate | None = None, cors_origins=(),
+              loopback_hosts_only: bool = False) -> Starlette:
   """The ASGI app around an open `QueryEngine`; `gate` says who may do what (default: no
-  authentication, read-only)."""
+  authentication, read-only); `loopback_hosts_only` refuses a Host that does not name loopback."""
   max_pixels = max_pixels or images.DEFAULT_MAX_PIXELS["serve"]
   gate = gate or auth.Gate()
   gallery = Gallery(index_dir, engine.manifest, data_dir)
@@ -348,7 +349,7 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
       Route("/api/gallery/{rest:path}", guard("picture", gallery_other)),
       *gate.routes(),
       Mount("/static", StaticFiles(directory=STATIC)),
-  ], lifespan=lifespan, middleware=headers.middleware(cors_origins))
+  ], lifespan=lifespan, middleware=headers.middleware(cors_origins, loopback_hosts_only))
   app.state.batcher, app.state.gallery, app.state.gate = batcher, gallery, gate
   return app
 
@@ -402,7 +403,9 @@ def run(index_dir: str, host: str = "127.0.0.1", port: int = 8080, workdir: str 
   engine = query.QueryEngine.open(index_dir, workdir, step)
   if data_dir is None:
     data_dir = dataset_dir(index_dir, engine.manifest, workdir)
-  app = build_app(engine, index_dir, data_dir, gate=gate, **options)
+  # Open to whoever reaches loopback: answer only to loopback names (no DNS rebinding).
+  loopback_only = not gate.enabled and not insecure_no_auth
+  app = build_app(engine, index_dir, data_dir, gate=gate, loopback_hosts_only=loopback_only, **options)
   print(f"histojax.serve: {engine.num_rows} gallery rows; http://{host}:{port}/", flush=True)
   uvicorn.run(app, **uvicorn_options(host, port))
 

@@ -623,6 +623,19 @@ def test_security_headers_and_a_page_without_inline_script(secured):
   assert parser.found == []
 
 
+def test_without_authentication_only_loopback_host_names_are_answered(lab):
+  """A page on another name re-pointed at 127.0.0.1 (DNS rebinding) reads nothing."""
+  app = make_app(lab, loopback_hosts_only=True)
+  with TestClient(app, base_url="http://127.0.0.1:8080") as client:
+    for host in ("127.0.0.1:8080", "localhost:8080", "localhost", "[::1]:8080", "127.0.0.2"):
+      assert call(client, "GET", "/api/info", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example:8080", "evil.example", "127.0.0.1.evil.example", "[::1].evil", "", "10.0.0.1:8080"):
+      response = call(client, "GET", "/api/gallery/48/image", headers={"Host": host})
+      assert response.status_code == 400 and "loopback" in response.json()["error"], host
+      assert response.headers["x-content-type-options"] == "nosniff"
+  assert headers.host_name("[::1]:8080") == "::1" and headers.host_name("::1") == "::1"
+
+
 def test_cors_is_closed_unless_configured(lab):
   preflight = {"Origin": "https://viewer.lab", "Access-Control-Request-Method": "POST",
                "Access-Control-Request-Headers": "authorization"}
