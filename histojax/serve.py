@@ -9,7 +9,18 @@ One process (Starlette on uvicorn) loads the index and its query model once
 - `GET /api/gallery/{row}/image`: the gallery patch of a row as PNG, read
   from the TFDS split the index was built from (or, for a row added by
   `index add`, from the index itself);
-- `GET /api/info` (manifest summary), `GET /healthz`, and `GET /` (the page).
+- `GET /api/info` (manifest summary), `GET /healthz`, and `GET /` (the page);
+- `POST /api/login`, `POST /api/logout`, `GET /api/session`, `GET /api/audit`
+  (histojax.service.auth).
+
+Who may call what (histojax.service, docs/serving-a-lab.md): every API route
+goes through `Gate.guard` with the action it needs (search, picture, info:
+readers; reload, audit and later add/remove: curators). Without
+`--auth_tokens` or `--trusted_proxy` the service is read-only, open to whoever
+reaches it, and refuses a non-loopback --host unless `--insecure_no_auth`.
+Every search answer carries the index `generation` it was answered from.
+
+    python -m histojax.serve token add --name NAME --role reader|curator --file FILE
 
 Concurrent searches are batched: decoded images wait in an asyncio queue;
 the worker takes what queued while the previous batch ran and, while other
@@ -22,12 +33,13 @@ request at a time (the load benchmark's baseline).
 
 A changed index (`index add|remove`) is picked up without a restart: before
 a batch, at most once a second, the worker asks the engine to
-`reload_if_changed`; `POST /api/reload` does it at once.
+`reload_if_changed`; `POST /api/reload` (curators) does it at once.
 
 Bad input gets a 4xx with a message and the server goes on: 413 over
 `--max_upload_mb` (64) or over the pixel limit, 400 for an empty, truncated
 or non-image upload, 422 for an image smaller than the model input, 400/404
-for a gallery row that is not a number or out of range. Uploads are only
+for a gallery row that is not a number or out of range; 401/403 for a
+missing or refused credential, 429 past a per-user limit. Uploads are only
 ever decoded as images (never unpickled). Binds 127.0.0.1 unless --host.
 """
 
@@ -40,6 +52,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -54,11 +67,17 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from histojax import indexing, query
+from histojax import indexing, query, service
 from histojax.data import images
+from histojax.service import audit, auth, headers
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 MiB = 1 << 20
+
+
+def generation(manifest: dict) -> int:
+  """How many times the index was grown since it was built (its manifest's growth record)."""
+  return int((manifest.get("growth") or {}).get("generation", 0))
 
 
 class HTTPError(Exception):
@@ -139,11 +158,13 @@ class Batcher:
 
   def _answer(self, batch: list) -> list[dict]:
     self.maybe_reload()
+    # Read on the engine's own thread, between reloads: the index every answer of this batch used.
+    answered_from = generation(self.engine.manifest)
     out = [None] * len(batch)
     for k in sorted({item[2] for item in batch}):  # one call per k (the vote depends on it)
       members = [i for i, item in enumerate(batch) if item[2] == k]
       for i, answer in zip(members, self.engine.answer_batch([batch[i][:2] for i in members], k)):
-        out[i] = answer
+        out[i] = {**answer, "generation": answered_from}
     self.batches = (self.batches + [len(batch)])[-1000:]
     return out
 
@@ -166,7 +187,7 @@ class Batcher:
 
 class Gallery:
   """Picture of every gallery row: from the TFDS split the index was built from, or from
-  the index folder for rows added later (`growth`)."""
+  the index folder for rows added later (`index add`)."""
 
   def __init__(self, index_dir: str, manifest: dict, data_dir: str):
     self.index_dir, self.manifest, self.data_dir = index_dir, manifest, data_dir
@@ -248,9 +269,12 @@ def error_response(e: HTTPError) -> JSONResponse:
 
 def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int = 64 * MiB,
               max_pixels: int | None = None, batching: bool = True, batch_wait_ms: float = 5.0,
-              max_batch: int = 16) -> Starlette:
-  """The ASGI app around an open `QueryEngine`."""
+              max_batch: int = 16, gate: auth.Gate | None = None, cors_origins=(),
+              loopback_hosts_only: bool = False) -> Starlette:
+  """The ASGI app around an open `QueryEngine`; `gate` says who may do what (default: no
+  authentication, read-only); `loopback_hosts_only` refuses a Host that does not name loopback."""
   max_pixels = max_pixels or images.DEFAULT_MAX_PIXELS["serve"]
+  gate = gate or auth.Gate()
   gallery = Gallery(index_dir, engine.manifest, data_dir)
   batcher = Batcher(engine, batch_wait_ms / 1000, max_batch, batching, on_reload=gallery.refresh)
 
@@ -260,6 +284,7 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
       try:
         k = parse_k(request, engine.num_rows)
         name, data = await read_upload(request, max_upload_bytes)
+        audit.note(request, query=audit.query_record(data), k=k)
         image = await run_in_threadpool(images.read_image, data, max_pixels=max_pixels, name=name)
       except images.ImageTooLargeError as e:
         raise HTTPError(413, str(e)) from e
@@ -270,6 +295,7 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
       answer = await batcher.search(name, image, k)
     except HTTPError as e:
       return error_response(e)
+    audit.note(request, generation=answer.get("generation"), top=audit.top_answer(answer))
     if "error" in answer:  # the image could not be cut (smaller than the model input)
       return JSONResponse({**answer, "status": 422}, status_code=422)
     return JSONResponse(answer)
@@ -278,6 +304,7 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
     raw = request.path_params["row"]
     if not re.fullmatch(r"[0-9]{1,12}", raw):
       return error_response(HTTPError(400, f"gallery row must be a non-negative integer, got {raw!r}"))
+    audit.note(request, row=int(raw))
     try:
       data = await run_in_threadpool(gallery.png, int(raw))
     except HTTPError as e:
@@ -302,7 +329,8 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
 
   async def reload(request: Request):
     changed = await batcher.run(batcher.maybe_reload, True)
-    return JSONResponse({"reloaded": bool(changed), "rows": engine.num_rows})
+    audit.note(request, reloaded=bool(changed), generation=generation(engine.manifest))
+    return JSONResponse({"reloaded": bool(changed), "rows": engine.num_rows, "generation": generation(engine.manifest)})
 
   async def healthz(request: Request):
     return JSONResponse({"status": "ok", "rows": engine.num_rows})
@@ -315,14 +343,19 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
     await batcher.start()
     yield
     await batcher.stop()
+    gate.audit.close()
 
+  guard = gate.guard  # each API route with the action it needs (histojax.service.tokens.ALLOWED)
   app = Starlette(routes=[
-      Route("/", page), Route("/healthz", healthz), Route("/api/info", info),
-      Route("/api/search", search, methods=["POST"]), Route("/api/reload", reload, methods=["POST"]),
-      Route("/api/gallery/{row}/image", gallery_image), Route("/api/gallery/{rest:path}", gallery_other),
+      Route("/", page), Route("/healthz", healthz), Route("/api/info", guard("info", info)),
+      Route("/api/search", guard("search", search, upload=True), methods=["POST"]),
+      Route("/api/reload", guard("reload", reload), methods=["POST"]),
+      Route("/api/gallery/{row}/image", guard("picture", gallery_image)),
+      Route("/api/gallery/{rest:path}", guard("picture", gallery_other)),
+      *gate.routes(),
       Mount("/static", StaticFiles(directory=STATIC)),
-  ], lifespan=lifespan)
-  app.state.batcher, app.state.gallery = batcher, gallery
+  ], lifespan=lifespan, middleware=headers.middleware(cors_origins, loopback_hosts_only))
+  app.state.batcher, app.state.gallery, app.state.gate = batcher, gallery, gate
   return app
 
 
@@ -351,16 +384,36 @@ def define_flags() -> None:
   flags.DEFINE_bool("batching", True, "batch concurrent searches into one device call (--nobatching: one by one)")
   flags.DEFINE_float("batch_wait_ms", 5.0, "how long the first search of a batch waits for others")
   flags.DEFINE_integer("max_batch", 16, "most searches in one batch")
+  service.define_flags()
 
 
 def run(index_dir: str, host: str = "127.0.0.1", port: int = 8080, workdir: str | None = None,
-        step: int | None = None, data_dir: str | None = None, **options) -> None:
+        step: int | None = None, data_dir: str | None = None, gate: auth.Gate | None = None,
+        insecure_no_auth: bool = False, **options) -> None:
+  gate = gate or auth.Gate()
+  warning = auth.check_bind(host, gate.enabled, insecure_no_auth)  # before the model loads: fail fast
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
+  if gate.tokens is not None and not gate.tokens.active():
+    print(f"histojax.serve: {gate.tokens.path} holds no active token: nobody can sign in with one",
+          file=sys.stderr, flush=True)
+  if gate.enabled and not gate.audit.enabled:
+    print("histojax.serve: no --audit_log: searches and changes are not recorded", file=sys.stderr, flush=True)
   engine = query.QueryEngine.open(index_dir, workdir, step)
   if data_dir is None:
     data_dir = dataset_dir(index_dir, engine.manifest, workdir)
-  app = build_app(engine, index_dir, data_dir, **options)
+  # Open to whoever reaches loopback: answer only to loopback names (no DNS rebinding).
+  loopback_only = not gate.enabled and not insecure_no_auth
+  app = build_app(engine, index_dir, data_dir, gate=gate, loopback_hosts_only=loopback_only, **options)
   print(f"histojax.serve: {engine.num_rows} gallery rows; http://{host}:{port}/", flush=True)
-  uvicorn.run(app, host=host, port=port, log_level="warning")
+  uvicorn.run(app, **uvicorn_options(host, port))
+
+
+def uvicorn_options(host: str, port: int) -> dict:
+  # The trusted proxy's headers are read by the Gate, which must see the real peer address to
+  # decide whether to believe them; uvicorn's own X-Forwarded-For rewriting (on by default,
+  # believing 127.0.0.1) would replace that address first, so it stays off, proxy or not.
+  return {"host": host, "port": port, "log_level": "warning", "proxy_headers": False, "server_header": False}
 
 
 def main(argv) -> None:
@@ -368,10 +421,19 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
-  run(f.index, f.host, f.port, f.workdir, f.step, f.data_dir, max_upload_bytes=int(f.max_upload_mb * MiB),
-      max_pixels=f.max_pixels, batching=f.batching, batch_wait_ms=f.batch_wait_ms, max_batch=f.max_batch)
+  try:
+    gate = service.gate_from_flags(f)
+  except ValueError as e:  # TokenFileError included: the flag or file at fault
+    raise SystemExit(f"histojax.serve: {e}") from None
+  run(f.index, f.host, f.port, f.workdir, f.step, f.data_dir, gate=gate, insecure_no_auth=f.insecure_no_auth,
+      max_upload_bytes=int(f.max_upload_mb * MiB), max_pixels=f.max_pixels, batching=f.batching,
+      batch_wait_ms=f.batch_wait_ms, max_batch=f.max_batch, cors_origins=f.cors_origins)
 
 
 if __name__ == "__main__":
-  define_flags()
-  absl_app.run(main)
+  if sys.argv[1:2] == ["token"]:  # python -m histojax.serve token add|list|revoke
+    service.tokens.define_flags()
+    absl_app.run(service.tokens.main)
+  else:
+    define_flags()
+    absl_app.run(main)

@@ -1,10 +1,11 @@
 // The search page: one image in, its tiles coloured by their vote, the neighbours of the
-// selected tile (or of the whole image) and the top source images. No framework, no CDN.
+// selected tile (or of the whole image) and the top source images. No framework, no CDN, no
+// inline script or handler (the Content-Security-Policy forbids them): everything is wired here.
 "use strict";
 
 // Okabe-Ito: told apart with the common colour-vision deficiencies; more classes get hues.
 const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8C6D00", "#000000"];
-const state = { info: null, answer: null, selected: null, shown: new Set(), objectUrl: null };
+const state = { info: null, answer: null, selected: null, shown: new Set(), objectUrl: null, session: null, csrf: null };
 const $ = (id) => document.getElementById(id);
 
 function colour(labelId) {
@@ -39,10 +40,88 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+// --- Signing in ----------------------------------------------------------------------
+// A server with tokens asks for one once (POST /api/login) and answers with an HttpOnly
+// session cookie, which every later request (thumbnails included) carries, and a CSRF token,
+// which the page sends with every POST. Behind a proxy the proxy signs people in.
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (state.csrf && (options.method || "GET") !== "GET") headers.set("X-CSRF-Token", state.csrf);
+  const response = await fetch(path, { ...options, headers, credentials: "same-origin" });
+  if (response.status === 401 && needsSignIn()) showLogin("Your session has ended: sign in again.");
+  return response;
+}
+
+function needsSignIn() {
+  const auth = state.session?.auth;
+  return Boolean(auth && (auth.tokens || auth.proxy));
+}
+
+async function start() {
+  state.session = await (await fetch("/api/session", { credentials: "same-origin" })).json();
+  if (needsSignIn() && !state.session.user) { showLogin(""); return; }
+  await signedIn(state.session);
+}
+
+function showLogin(message) {
+  state.csrf = null;
+  $("app").hidden = true;
+  $("account").hidden = true;
+  $("login").hidden = false;
+  const tokens = state.session.auth.tokens;
+  $("login-form").hidden = !tokens;
+  $("login-help").textContent = tokens ? "This server asks for an access token; your lab's administrator gives you one."
+    : "This server signs people in through the lab's proxy, and it does not know you (yet): ask its administrator.";
+  $("login-error").textContent = message;
+  $("login-error").hidden = !message;
+  if (tokens) $("token").focus();
+}
+
+async function signedIn(who) {
+  state.csrf = who.csrf_token;
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("account").hidden = !who.user || who.via === "none";
+  $("who").textContent = who.user ? `signed in as ${who.user} (${who.role})` : "";
+  $("who").dataset.user = who.user || "";
+  $("who").dataset.role = who.role || "";
+  $("logout").hidden = who.via !== "session";
+  if (!state.info) await loadInfo();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  $("login-button").disabled = true;
+  try {
+    const response = await fetch("/api/login", { method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify({ token: $("token").value.trim() }) });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || `sign-in failed (${response.status})`);
+    $("token").value = "";
+    await signedIn({ ...answer, via: "session", csrf_token: answer.csrf_token });
+  } catch (e) {
+    $("login-error").textContent = e.message;
+    $("login-error").hidden = false;
+  } finally {
+    $("login-button").disabled = false;
+  }
+}
+
+async function signOut() {
+  await api("/api/logout", { method: "POST" }).catch(() => {});
+  state.answer = null;
+  $("summary").hidden = true;
+  $("thumbs").replaceChildren();
+  $("sources").tBodies[0].replaceChildren();
+  showLogin("Signed out.");
+}
+
 // --- The index ---------------------------------------------------------------------
 
 async function loadInfo() {
-  const response = await fetch("/api/info");
+  const response = await api("/api/info");
+  if (!response.ok) throw new Error(`${response.status}`);
   state.info = await response.json();
   const info = state.info;
   $("index-info").textContent = `${info.rows.toLocaleString()} gallery patches of ${info.dataset} (${info.split}), `
@@ -82,7 +161,7 @@ async function search(file) {
   const form = new FormData();
   form.append("image", file, file.name);
   try {
-    const response = await fetch(`/api/search?k=${$("k").value}`, { method: "POST", body: form });
+    const response = await api(`/api/search?k=${$("k").value}`, { method: "POST", body: form });
     const answer = await response.json();
     if (!response.ok) throw new Error(answer.error || `search failed (${response.status})`);
     if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
@@ -246,4 +325,6 @@ for (const type of ["dragenter", "dragover"]) drop.addEventListener(type, (e) =>
 for (const type of ["dragleave", "drop"]) drop.addEventListener(type, () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); if (e.dataTransfer.files.length) search(e.dataTransfer.files[0]); });
 window.addEventListener("resize", () => { if (state.answer) { fitImage(); drawTiles(); redraw(); } });
-loadInfo().catch((e) => showError(`cannot read /api/info: ${e.message}`));
+$("login-form").addEventListener("submit", signIn);
+$("logout").addEventListener("click", signOut);
+start().catch((e) => showError(`cannot read /api/info: ${e.message}`));
