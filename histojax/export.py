@@ -78,6 +78,17 @@ def builder_tiling(builder, split: str = "train") -> dict | None:
   return tiling.record(tiling.TilingConfig(patch_size=int(size), stride=int(size), min_tissue_fraction=0.0))
 
 
+def dataset_gallery_mpp(name: str, data_dir: str = "", split: str = "train") -> float | None:
+  """Microns per pixel of `split`'s examples as the model sees them (the gallery's
+  magnification, `tiling.gallery_mpp`); None when the builder does not know its images'."""
+  builder = sources.builder(name, data_dir)
+  if hasattr(builder, "gallery_mpp"):
+    return builder.gallery_mpp(split)
+  # A builder read back from its files (a config not in the code): what its build recorded.
+  recorded = (builder.info.metadata or {}).get("config") or {}
+  return tiling.gallery_mpp(recorded.get("mpp"), recorded.get("resize", 1.0), recorded.get("image_size"))
+
+
 def _stain_spec(spec, cfg) -> dict | None:
   """The builder's stain normalisation as a JSON dict (null without one): the image
   spec's own when it has one, else the config's `stain` method name."""
@@ -232,6 +243,7 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
               "normalization": identity.normalization(config.model),
               "class_names": sources.class_names(config.dataset.name, config.dataset.data_dir),
               "tiling": dataset_tiling(config.dataset.name, config.dataset.data_dir, split),
+              "gallery_mpp": dataset_gallery_mpp(config.dataset.name, config.dataset.data_dir, split),
               "pq": None if codebooks is None else {"num_books": int(codebooks.shape[0]),
                                                     "num_codewords": int(codebooks.shape[1]), "metric": metric,
                                                     "bits_per_row": pq.bits_per_row(codebooks)}}

@@ -1,7 +1,7 @@
 """Build a TFDS dataset from its archive (or, for synthetic data, from nothing).
 
     python -m histojax.prepare --dataset NAME [--config VARIANT] [--manual_dir DIR] [--data_dir DIR]
-                               [--workers N] [--skip_corrupt] [--max_pixels N]
+                               [--workers N] [--skip_corrupt] [--max_pixels N] [--mpp UM_PER_PX]
                                [--beam_runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner
                                 [--beam_options "--flag=value ..."]]
 
@@ -50,12 +50,12 @@ def format_summary(summary: dict) -> str:
 
 def run(dataset: str, config: str | None = None, data_dir: str = "", manual_dir: str = "",
         workers: int | None = None, skip_corrupt: bool = False, max_pixels: int | None = None,
-        beam_runner: str | None = None, beam_options: str = "") -> dict:
+        beam_runner: str | None = None, beam_options: str = "", mpp: float | None = None) -> dict:
   """Prepares `dataset` (variant `config`) and returns its summary; BuildError says what to fix."""
   name = f"{dataset}/{config}" if config else dataset
   return sources.prepare(name, data_dir, manual_dir, skip_corrupt=skip_corrupt, workers=workers,
                          max_pixels=max_pixels, beam_runner=beam_runner,
-                         beam_options=shlex.split(beam_options or ""))
+                         beam_options=shlex.split(beam_options or ""), mpp=mpp)
 
 
 def main(argv):
@@ -67,7 +67,7 @@ def main(argv):
   monitor.quiet_libraries()
   try:
     summary = run(FLAGS.dataset, FLAGS.config, FLAGS.data_dir or "", FLAGS.manual_dir or "", FLAGS.workers,
-                  FLAGS.skip_corrupt, FLAGS.max_pixels, FLAGS.beam_runner, FLAGS.beam_options or "")
+                  FLAGS.skip_corrupt, FLAGS.max_pixels, FLAGS.beam_runner, FLAGS.beam_options or "", FLAGS.mpp)
   except BuildError as e:
     print(f"error: {e}", file=sys.stderr)  # the message is the help; a traceback would bury it
     sys.exit(1)
@@ -85,6 +85,9 @@ def define_flags() -> None:
                     "instead of stopping the build.")
   flags.DEFINE_integer("max_pixels", None, "Refuse archive images with more pixels than this, read from the "
                        "header before decoding; default 2,000,000,000 (tfds_builders.source_images.MAX_PIXELS).")
+  flags.DEFINE_float("mpp", None, "Microns per pixel of the archive's images (your own folder; or a scan that "
+                     "differs from the dataset's published resolution). Recorded with the dataset: the "
+                     "gallery's magnification that slides are cut to.")
   flags.DEFINE_enum("beam_runner", None, list(sources.BEAM_RUNNERS),
                     "Prepare as an Apache Beam pipeline on this runner (needs requirements-beam.txt).")
   flags.DEFINE_string("beam_options", None, "Beam pipeline flags for the runner, one string, e.g. "

@@ -52,6 +52,9 @@ class TiledConfig(tfds.core.BuilderConfig):
   min_tissue_fraction: float = 0.5
   encoding: str = "png"  # "png" (lossless) or "jpeg" (quality 95, ~5x smaller)
   stain: str | None = None  # "macenko" or "reinhard": every image re-stained to one reference before tiling (histojax.data.stain)
+  # Microns per pixel of the archive's images as scanned; None: not known (`prepare --mpp` gives it).
+  # With the resize it makes the gallery's magnification (`gallery_mpp`), which slides are cut to.
+  mpp: float | None = None
 
   def image_spec(self) -> ImageSpec:
     tiles = None
@@ -232,7 +235,10 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   HOMEPAGE = ""
 
   def __init__(self, *, skip_corrupt: bool = False, workers: int | None = None, max_pixels: int | None = None,
-               **kwargs):
+               mpp: float | None = None, **kwargs):
+    if mpp is not None and not 0 < mpp < 100:
+      raise ValueError(f"mpp must be microns per pixel in (0, 100), got {mpp}")
+    self._mpp = mpp
     self._skip_corrupt = skip_corrupt
     self._max_pixels = max_pixels or MAX_PIXELS
     self._workers = (os.cpu_count() or 1) if workers is None else workers
@@ -301,7 +307,7 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for s in sources:
       by_split[s.split].append(s)
     self.info.metadata.update({"manual_dir": os.fspath(manual_dir), "splits": {},
-                               "config": _config_record(self.builder_config)})
+                               "config": {**_config_record(self.builder_config), "mpp": self.source_mpp()}})
     self._split_sources = dict(by_split)
     generate = self._beam_examples if self._beam else self._generate_examples
     return {split: generate(split, items) for split, items in by_split.items()}
@@ -310,6 +316,19 @@ class TiledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """How the images of `split` are prepared; a builder may differ per split."""
     del split
     return self.builder_config.image_spec()
+
+  def source_mpp(self) -> float | None:
+    """Microns per pixel of the archive's images: `prepare --mpp`, else what the build
+    recorded, else the config's (the archive's published resolution)."""
+    if self._mpp is not None:
+      return self._mpp
+    recorded = (self.info.metadata or {}).get("config", {}) if self.is_prepared() else {}
+    return recorded.get("mpp", self.builder_config.mpp)
+
+  def gallery_mpp(self, split: str) -> float | None:
+    """Microns per pixel of `split`'s examples as the model sees them (`tiling.gallery_mpp`)."""
+    spec = self.image_spec(split)
+    return tiling.gallery_mpp(self.source_mpp(), spec.tiles.resize if spec.tiles else spec.resize, spec.image_size)
 
   def _generate_examples(self, split: str, sources: list[SourceImage]):
     work = functools.partial(prepare_source, spec=self.image_spec(split), max_pixels=self._max_pixels)

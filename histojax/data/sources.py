@@ -33,7 +33,7 @@ BEAM_RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 
 def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: bool = False,
             workers: int | None = None, max_pixels: int | None = None, beam_runner: str | None = None,
-            beam_options: Sequence[str] = ()) -> dict[str, Any]:
+            beam_options: Sequence[str] = (), mpp: float | None = None) -> dict[str, Any]:
   """Builds the dataset if needed and returns a summary of what is on disk.
 
   TFDS writes into an `incomplete.*` folder and renames it only once every
@@ -42,17 +42,22 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", skip_corrupt: b
   `tfds_builders.source_images.MAX_PIXELS`) apply to the archive-reading builders
   (`tfds_builders.common.TiledBuilder`, whose constructor takes them), and so does `beam_runner`: it
   prepares the images as an Apache Beam pipeline on that runner, with
-  `beam_options` its pipeline flags (e.g. `--project=...`, `--region=...`).
+  `beam_options` its pipeline flags (e.g. `--project=...`, `--region=...`); `mpp` gives
+  the microns per pixel of the archive's images where the builder does not know them (a
+  user's own folder) or where a scan differs from the published resolution.
   """
   kwargs = {}
-  if skip_corrupt or workers is not None or max_pixels is not None or beam_runner or beam_options:
+  if (skip_corrupt or workers is not None or max_pixels is not None or beam_runner or beam_options
+      or mpp is not None):
     cls = tfds.builder_cls(name.split("/")[0])
     if "skip_corrupt" not in inspect.signature(cls.__init__).parameters:
-      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt, workers, max_pixels and "
-                       "the Beam route do not apply")
+      raise ValueError(f"dataset {name!r} does not read an archive; skip_corrupt, workers, max_pixels, mpp "
+                       "and the Beam route do not apply")
     kwargs = {"skip_corrupt": skip_corrupt, "workers": workers}
     if max_pixels is not None:
       kwargs["max_pixels"] = max_pixels
+    if mpp is not None:
+      kwargs["mpp"] = mpp
   b = builder(name, data_dir, **kwargs)
   start = time.perf_counter()
   if not b.is_prepared():

@@ -120,6 +120,16 @@ def record(tiles: TilingConfig | None, resize: float = 1.0, image_size=None, sta
   return {key: fields[key] for key in RECORD_FIELDS}
 
 
+def gallery_mpp(source_mpp: float | None, resize_factor: float, image_size=None) -> float | None:
+  """Microns per pixel of a builder's examples: the source's divided by the resize factor
+  (BACH's 0.42 um/px photos resized by 0.25: 1.68). None when the source's is not known, or
+  when whole images were resized to one (height, width), which scales each image by its own
+  factor."""
+  if source_mpp is None or image_size is not None:
+    return None
+  return round(float(source_mpp) / float(resize_factor), 6)
+
+
 def config_from_record(rec: dict) -> TilingConfig | None:
   """The `TilingConfig` a record describes; None for whole images (patch_size 0)."""
   if not rec.get("patch_size"):

@@ -34,6 +34,7 @@ SPLIT_SCHEMES = ("blocks", "photos")
 
 @dataclasses.dataclass
 class BachConfig(common.SplitConfig):
+  mpp: float | None = 0.42  # the photos' published resolution (ICIAR 2018 BACH)
   split_scheme: str = "blocks"  # "blocks": patient-aware, by photo number; "photos": random per photo
   block_size: int = 5  # photos per block: 50 per class -> 10 blocks -> 7/1/2; 100 -> 20 -> 14/2/4
 

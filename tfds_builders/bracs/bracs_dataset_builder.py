@@ -35,6 +35,7 @@ ROI_NAME = re.compile(r"^(?P<slide>BRACS_\d+)_(?P<subtype>[A-Z]+)_(?P<roi>\d+)$"
 
 @dataclasses.dataclass
 class BracsConfig(common.TiledConfig):
+  mpp: float | None = 0.25  # 40x, Aperio AT2 (Brancati et al., BRACS, 2022)
   grouping: str = "7class"  # which granularity `label` holds: "7class" or "3class"
 
 

@@ -38,6 +38,7 @@ WINDOW = 1000  # px, the protocol's patch size
 
 @dataclasses.dataclass
 class KimiaConfig(common.TiledConfig):
+  mpp: float | None = 0.5  # 1000 px patches of 0.5 mm
   protocol: str = "path24"  # or "leave_one_out"
 
 
