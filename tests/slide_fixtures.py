@@ -65,24 +65,31 @@ class FixtureSlide:
 
 
 def write_pyramid(path, image: np.ndarray, mpp: float | None, *, downsamples=(1, 4, 16), quality: int = 90,
-                  aperio: bool = False) -> None:
-  """A pyramidal tiled TIFF of `image` with JPEG tiles; mpp None writes no resolution tags."""
+                  aperio: bool = False, tags: bool | None = None) -> None:
+  """A pyramidal tiled TIFF of `image` with JPEG tiles.
+
+  mpp: written as resolution tags (generic-tiff), or as Aperio's "MPP = " (aperio); None: nowhere.
+  tags: write resolution tags (default: unless aperio, whose MPP is in the description; an
+    aperio file with tags=True has them and no MPP in its description).
+  """
+  tags = not aperio if tags is None else tags
   levels = [image if d == 1 else np.asarray(PIL.Image.fromarray(image).reduce(d)) for d in downsamples]
   height, width = image.shape[:2]
+  aperio_mpp = f"|MPP = {mpp}" if mpp is not None and not tags else ""
   with tifffile.TiffWriter(path) as tif:
     for i, (d, level) in enumerate(zip(downsamples, levels)):
       extra = {}
       if aperio:
         size = f"{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})" + (f" -> {level.shape[1]}x{level.shape[0]}" if i else "")
-        extra["description"] = f"{APERIO}\r\n{size} JPEG/RGB Q={quality}|AppMag = 20|MPP = {mpp}"
-      elif mpp is not None:
+        extra["description"] = f"{APERIO}\r\n{size} JPEG/RGB Q={quality}|AppMag = 20{aperio_mpp}"
+      if tags and mpp is not None:
         extra.update(resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER")
       tif.write(level, tile=(TILE, TILE), compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
                 subfiletype=1 if i and not aperio else 0, metadata=None, **extra)
       if aperio and i == 0:  # Aperio's second page: a stripped thumbnail, not a level
         thumb = np.asarray(PIL.Image.fromarray(image).reduce(max(1, math.ceil(max(width, height) / 768))))
         tif.write(thumb, compression="jpeg", photometric="rgb", metadata=None,
-                  description=f"{APERIO}\r\n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]} - |AppMag = 20|MPP = {mpp}")
+                  description=f"{APERIO}\r\n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]} - |AppMag = 20{aperio_mpp}")
 
 
 def tissue_image(width: int, height: int, seed: int = 0, boxes=()) -> np.ndarray:

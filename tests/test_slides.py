@@ -61,6 +61,14 @@ def test_opens_generic_tiff_with_the_resolution_tags(slide):
   assert slide.bounds == (0, 0, 2816, 2048)
 
 
+def test_tiff_resolution_tags_are_the_fallback_when_openslide_has_no_mpp(tmp_path, image):
+  path = tmp_path / "aperio_without_mpp.svs"  # Aperio takes MPP from its description only; here it has none
+  slide_fixtures.write_pyramid(path, image[:1024, :1024], MPP, aperio=True, tags=True)
+  with slides.open_slide(path) as slide:
+    assert slide.vendor == "aperio" and "openslide.mpp-x" not in slide.properties
+    assert slide.mpp == pytest.approx((MPP, MPP)) and slide.mpp_source == "tiff"
+
+
 @pytest.mark.parametrize("downsample,level", [(0.96, 0), (1, 0), (2, 0), (3.9, 0), (3.97, 1), (4, 1), (7.9, 1),
                                               (15, 1), (16, 2), (100, 2)])
 def test_best_level_is_the_coarsest_that_does_not_upsample(downsample, level):

@@ -88,6 +88,11 @@ class Slide:
     self._background = _background(self.properties)
 
   @property
+  def handle(self) -> openslide.OpenSlide:
+    """The OpenSlide handle, for what this class does not wrap (openslide.deepzoom tiles, associated images)."""
+    return self._handle
+
+  @property
   def slide_id(self) -> str:
     return slide_id(self.path)
 
