@@ -2,6 +2,7 @@
 
     python -m tests.slide_fixtures --out /tmp/bach_slides       # 40 slides from the BACH photos (0.42 um/px)
     python -m bench.slides --slides /tmp/bach_slides [--max_slides 8] [--workers 1,2,4] [--embed quickstart]
+                           [--glass GLASS.tif]
 
 Per slide (`histojax.slides`, the path `search --slides` and `index add --slides`
 will take): open; tissue, split into decoding the ~8 um/px overview and
@@ -54,6 +55,8 @@ flags.DEFINE_integer("max_slides", 8, "slides timed (the first N in walk order, 
 flags.DEFINE_string("workers", "1,2,4", "reading threads to time, comma-separated")
 flags.DEFINE_string("embed", "quickstart", "'quickstart' to time the stand-in encoder, '' for none")
 flags.DEFINE_float("mosaic_fraction", 0.05, "the mosaic's fraction")
+flags.DEFINE_string("glass", None, "a 50,000^2 glass slide (ulimit -f 131072; python -m tests.hostile_slides glass "
+                    "PATH): time to its 'no tissue'")
 flags.DEFINE_string("out", None, "JSON path (default bench/results/slides.json)")
 
 
@@ -164,6 +167,18 @@ def embed_rates(path: pathlib.Path, workers: int) -> dict:
   return out
 
 
+def no_tissue_seconds(path: str) -> dict:
+  start = time.perf_counter()
+  try:
+    with slides.open_slide(path) as slide:
+      slides.tissue_mask(slide)
+      answer = "tissue found"
+  except slides.NoTissueError:
+    answer = "NoTissueError"
+  return {"slide": "50,000 x 50,000 px of glass at 0.5 um/px, levels 1/4/16/64 (7.5 GB as RGB)",
+          "answer": answer, "seconds": round(time.perf_counter() - start, 2)}
+
+
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
@@ -180,6 +195,8 @@ def main(argv):
                 "on glass, generic-tiff, JPEG q90 tiles, levels 1/4/16, 0.42 um/px)",
       "load_average_before": [round(x, 2) for x in load], "mosaic": mosaic.record(),
       "stages": stage_totals(rows, workers), "index": index_bytes(rows, mosaic.fraction), "published": PUBLISHED, "per_slide": rows}
+  if FLAGS.glass:
+    result["glass_no_tissue"] = no_tissue_seconds(FLAGS.glass)
   if FLAGS.embed == "quickstart":
     result["embed"] = embed_rates(chosen[0], max(workers))
   result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
