@@ -11,11 +11,14 @@ One process (Starlette on uvicorn) loads the index and its query model once
   `index add`, from the index itself);
 - `GET /api/info` (manifest summary), `GET /healthz`, and `GET /` (the page);
 - `POST /api/login`, `POST /api/logout`, `GET /api/session`, `GET /api/audit`
-  (histojax.service.auth).
+  (histojax.service.auth);
+- `POST /api/gallery` (multipart image, label, source_id[, new_label]) and
+  `DELETE /api/gallery/sources/{source_id}`: a curator adds or removes a case,
+  through the CLI's curator code on a thread of its own (histojax.service.curate).
 
 Who may call what (histojax.service, docs/serving-a-lab.md): every API route
 goes through `Gate.guard` with the action it needs (search, picture, info:
-readers; reload, audit and later add/remove: curators). Without
+readers; reload, audit, add and remove: curators). Without
 `--auth_tokens` or `--trusted_proxy` the service is read-only, open to whoever
 reaches it, and refuses a non-loopback --host unless `--insecure_no_auth`.
 Every search answer carries the index `generation` it was answered from.
@@ -33,7 +36,10 @@ request at a time (the load benchmark's baseline).
 
 A changed index (`index add|remove`) is picked up without a restart: before
 a batch, at most once a second, the worker asks the engine to
-`reload_if_changed`; `POST /api/reload` (curators) does it at once.
+`reload_if_changed`; `POST /api/reload` (curators) and the server's own
+additions and removals do it at once. Searches answer from the generation in
+memory until then (a reload reads every file of one generation, or keeps the
+previous one).
 
 Bad input gets a 4xx with a message and the server goes on: 413 over
 `--max_upload_mb` (64) or over the pixel limit, 400 for an empty, truncated
@@ -69,7 +75,8 @@ from starlette.staticfiles import StaticFiles
 
 from histojax import indexing, query, service
 from histojax.data import images
-from histojax.service import audit, auth, headers
+from histojax.service import audit, auth, curate, headers
+from histojax.service.forms import HTTPError, error_response, read_upload
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 MiB = 1 << 20
@@ -78,12 +85,6 @@ MiB = 1 << 20
 def generation(manifest: dict) -> int:
   """How many times the index was grown since it was built (its manifest's growth record)."""
   return int((manifest.get("growth") or {}).get("generation", 0))
-
-
-class HTTPError(Exception):
-  def __init__(self, status: int, message: str):
-    super().__init__(message)
-    self.status = status
 
 
 # --- Dynamic batching ----------------------------------------------------------------
@@ -202,9 +203,9 @@ class Gallery:
       self.error = (f"gallery dataset {manifest.get('dataset')!r} (split {manifest.get('split')!r}, data_dir "
                     f"{data_dir or 'TFDS default'}) cannot be opened: {e}")
 
-  def refresh(self):
-    """Re-reads rows.npz (after the index changed); the old rows stay until it is read."""
-    self.rows = indexing.load_rows(self.index_dir)
+  def refresh(self, rows: dict | None = None):
+    """The rows of the index now served (`rows`, else rows.npz read again)."""
+    self.rows = rows if rows is not None else indexing.load_rows(self.index_dir)
 
   def png(self, row: int) -> bytes:
     rows = self.rows
@@ -227,44 +228,11 @@ class Gallery:
 
 # --- Requests ----------------------------------------------------------------------------
 
-async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
-  """(file name, bytes) of the multipart field `image`; 413 past `limit` bytes, counted as
-  the body arrives (a missing or wrong Content-Length does not get past it)."""
-  declared = request.headers.get("content-length")
-  if declared and declared.isdigit() and int(declared) > limit:
-    raise HTTPError(413, f"upload of {int(declared)} bytes is over the limit of {limit} bytes "
-                    f"({limit / MiB:g} MiB; the server's --max_upload_mb)")
-  body = bytearray()
-  async for chunk in request.stream():
-    body += chunk
-    if len(body) > limit:
-      raise HTTPError(413, f"upload is over the limit of {limit} bytes ({limit / MiB:g} MiB; the server's "
-                      "--max_upload_mb)")
-
-  async def replay():
-    return {"type": "http.request", "body": bytes(body), "more_body": False}
-  try:
-    form = await Request(request.scope, replay).form(max_files=1, max_fields=4)
-  except Exception as e:  # noqa: BLE001  (python-multipart's parse errors)
-    raise HTTPError(400, f"the request body is not a multipart form with an image field: {e}") from e
-  upload = form.get("image")
-  if upload is None or isinstance(upload, str):
-    raise HTTPError(400, "no file in the multipart field 'image' (send the image as form field 'image')")
-  data = await upload.read()
-  if not data:
-    raise HTTPError(400, f"the uploaded file {upload.filename!r} is empty")
-  return os.path.basename(upload.filename or "upload"), data
-
-
 def parse_k(request: Request, num_rows: int) -> int:
   raw = request.query_params.get("k", "10")
   if not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= 1000:
     raise HTTPError(400, f"k must be an integer from 1 to 1000, got {raw!r}")
   return min(int(raw), num_rows)
-
-
-def error_response(e: HTTPError) -> JSONResponse:
-  return JSONResponse({"error": str(e), "status": e.status}, status_code=e.status)
 
 
 def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int = 64 * MiB,
@@ -276,7 +244,13 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
   max_pixels = max_pixels or images.DEFAULT_MAX_PIXELS["serve"]
   gate = gate or auth.Gate()
   gallery = Gallery(index_dir, engine.manifest, data_dir)
-  batcher = Batcher(engine, batch_wait_ms / 1000, max_batch, batching, on_reload=gallery.refresh)
+  # The pictures follow the rows the engine answers from (read with its searcher, one generation).
+  batcher = Batcher(engine, batch_wait_ms / 1000, max_batch, batching, on_reload=lambda: gallery.refresh(engine.rows))
+
+  async def reload_now() -> int:
+    await batcher.run(batcher.maybe_reload, True)
+    return generation(engine.manifest)
+  curation = curate.Curation(engine, index_dir, reload_now, max_upload_bytes, max_pixels)
 
   async def search(request: Request):
     try:
@@ -343,6 +317,7 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
     await batcher.start()
     yield
     await batcher.stop()
+    curation.close()
     gate.audit.close()
 
   guard = gate.guard  # each API route with the action it needs (histojax.service.tokens.ALLOWED)
@@ -350,12 +325,13 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
       Route("/", page), Route("/healthz", healthz), Route("/api/info", guard("info", info)),
       Route("/api/search", guard("search", search, upload=True), methods=["POST"]),
       Route("/api/reload", guard("reload", reload), methods=["POST"]),
+      *curation.routes(guard),  # POST /api/gallery, DELETE /api/gallery/sources/{id}: before the catch-all
       Route("/api/gallery/{row}/image", guard("picture", gallery_image)),
       Route("/api/gallery/{rest:path}", guard("picture", gallery_other)),
       *gate.routes(),
       Mount("/static", StaticFiles(directory=STATIC)),
   ], lifespan=lifespan, middleware=headers.middleware(cors_origins, loopback_hosts_only))
-  app.state.batcher, app.state.gallery, app.state.gate = batcher, gallery, gate
+  app.state.batcher, app.state.gallery, app.state.gate, app.state.curation = batcher, gallery, gate, curation
   return app
 
 
