@@ -283,3 +283,85 @@ def test_a_reload_racing_a_swap_reads_one_generation(lab, tmp_path, monkeypatch)
   assert engine.num_rows == len(engine.rows["label"]) == 60
   answer = engine.answer("q", image, 5)
   assert {answer["tiles"][i]["results"][0]["source_id"] for i in range(4)} <= {"race_1", "race_2"}
+
+
+# --- The page, in Chromium ---------------------------------------------------------------------
+
+def sign_in(browser, url, token):
+  context = browser.new_context()
+  page = context.new_page()
+  problems = []
+  page.on("pageerror", lambda e: problems.append(str(e)))
+  page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+  page.goto(url)
+  page.fill("#token", token)
+  page.click("#login-button")
+  page.wait_for_selector("#classes input")
+  page.problems = problems
+  return page
+
+
+def search_on(page, path):
+  """The source ids of the page's answer for the image at `path` (the previous answer cleared first)."""
+  page.evaluate("() => { document.querySelector('#sources tbody').replaceChildren(); "
+                "document.querySelector('#query-line').dataset.generation = ''; }")
+  page.set_input_files("#file", str(path))
+  page.wait_for_function("() => document.querySelector('#query-line').dataset.generation !== '' "
+                         "&& document.querySelector('#sources tbody tr') !== null")
+  return [row.get_attribute("data-source") for row in page.locator("#sources tbody tr").all()]
+
+
+def test_a_curator_adds_from_the_page_and_a_readers_search_finds_it(server, lab, tmp_path):
+  if not os.path.exists(CHROMIUM):
+    pytest.fail(f"Debian's Chromium is not at {CHROMIUM}: `apt-get install chromium` (.ci/run does)")
+  from playwright.sync_api import sync_playwright  # a missing package fails here, loudly
+  image = tmp_path / "new_gland.png"
+  image.write_bytes(painted(4, 910))
+  start = generation_on_disk(lab)
+  with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+    curator_page = sign_in(browser, server.url, lab["issued"]["carl"])
+    assert curator_page.locator("#curate").is_visible()
+    assert curator_page.locator("#add-label option").all_inner_texts() == CLASSES + ["New label…"]
+    curator_page.set_input_files("#add-file", str(image))
+    curator_page.select_option("#add-label", "gland")
+    curator_page.fill("#add-source", "page_case_910")
+    curator_page.click("#add-button")
+    curator_page.wait_for_selector("#curate-status[data-outcome]:not([hidden])")
+    status = curator_page.locator("#curate-status")
+    assert status.get_attribute("data-outcome") == "ok", status.inner_text()
+    assert f"generation {start + 1}" in status.inner_text() and "page_case_910" in status.inner_text()
+    assert generation_on_disk(lab) == start + 1
+
+    reader_page = sign_in(browser, server.url, lab["issued"]["rita"])
+    assert reader_page.locator("#curate").is_hidden() and reader_page.locator("#remove-head").is_hidden()
+    found = search_on(reader_page, image)
+    assert found[0] == "page_case_910", found
+    assert reader_page.locator("#query-line").get_attribute("data-generation") == str(start + 1)
+    assert reader_page.locator(".remove-source").count() == 0
+    # A reader's page has no form, but the reader may still try, with their own session and CSRF token.
+    refused = reader_page.evaluate("""async () => {
+      const session = await (await fetch('/api/session')).json();
+      const form = new FormData();
+      form.append('image', new Blob([new Uint8Array([137, 80, 78, 71])], {type: 'image/png'}), 'x.png');
+      form.append('label', 'gland');
+      form.append('source_id', 'reader_case');
+      const r = await fetch('/api/gallery', {method: 'POST', body: form, headers: {'X-CSRF-Token': session.csrf_token}});
+      return [r.status, (await r.json()).error];
+    }""")
+    assert refused[0] == 403 and "rita is a reader: add needs the curator role" in refused[1]
+    attempt = audit_lines(lab, "add")[-1]
+    assert (attempt["user"], attempt["via"], attempt["status"], attempt["outcome"]) == ("rita", "session", 403,
+                                                                                        "forbidden")
+    assert generation_on_disk(lab) == start + 1
+
+    # The curator removes the case from the results table; the reader's next search no longer finds it.
+    assert search_on(curator_page, image)[0] == "page_case_910"
+    curator_page.once("dialog", lambda dialog: dialog.accept())
+    curator_page.click(".remove-source[data-source='page_case_910']")
+    curator_page.wait_for_function("() => document.querySelector('#curate-status').textContent.startsWith('Removed')")
+    assert f"generation {start + 2}" in status.inner_text()
+    assert "page_case_910" not in search_on(reader_page, image)
+    curator_page.screenshot(path=os.environ.get("HISTOJAX_SCREENSHOTS", str(tmp_path)) + "/curator.png", full_page=True)
+    assert not curator_page.problems and not reader_page.problems, curator_page.problems + reader_page.problems
+    browser.close()
