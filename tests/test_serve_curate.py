@@ -22,6 +22,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from bench import serve_load
 from histojax import fileio, query, serve
 from histojax.indexing import curator, writer
 from histojax.service import audit, auth, sessions, tokens
@@ -365,3 +366,40 @@ def test_a_curator_adds_from_the_page_and_a_readers_search_finds_it(server, lab,
     curator_page.screenshot(path=os.environ.get("HISTOJAX_SCREENSHOTS", str(tmp_path)) + "/curator.png", full_page=True)
     assert not curator_page.problems and not reader_page.problems, curator_page.problems + reader_page.problems
     browser.close()
+
+
+# --- Load: searching while the gallery changes -------------------------------------------------
+
+def test_32_clients_keep_searching_while_a_curator_adds_and_removes(server, lab, tmp_path):
+  """bench/serve_load.py --curate, small: each of the 5 generations (before, add, remove, add,
+  remove) is held until 32 searches, a probe among them, were answered from it; 0 errors, and
+  every answer consistent with the generation it reports (bench.serve_load.consistency_problems)."""
+  bodies = [serve_load.multipart(p) for p in serve_load.painted_patches(str(tmp_path), 8)]
+  port = int(server.url.rsplit(":", 1)[1])
+  start = generation_on_disk(lab)
+  result = serve_load.curate_load(port, lab["issued"]["rita"], lab["issued"]["carl"], bodies,
+                                  serve_load.probe_image(str(tmp_path)), clients=32, pairs=2, min_answers=32, timeout=120)
+  assert result["errors"] == 0, result["error_examples"]
+  assert result["inconsistent"] == 0, result["inconsistent_examples"]
+  assert [c["op"] for c in result["changes"]] == ["add", "remove"] * 2
+  assert [c["generation"] for c in result["changes"]] == [start + 1, start + 2, start + 3, start + 4]
+  assert sorted(int(g) for g in result["generations_seen"]) == list(range(start, start + 5))
+  assert all(n >= 32 for n in result["generations_seen"].values()) and result["probe_searches"] >= 5
+  assert result["requests"] == sum(result["generations_seen"].values())
+
+
+def test_the_consistency_check_catches_inconsistent_answers():
+  """The load test's check fails on the answers it exists to catch (it is not vacuous)."""
+  first, changes = {"generation": 2, "rows": 52}, [{"op": "add", "generation": 3, "rows_after": 56},
+                                                   {"op": "remove", "generation": 4, "rows_after": 52}]
+  good = [serve_load.Seen(0, 0, 1, True, 2, 51), serve_load.Seen(0, 1, 2, True, 3, 55, True, True),
+          serve_load.Seen(0, 2, 3, False, 4, 51), serve_load.Seen(1, 0, 1, False, 3, 50, True)]
+  assert serve_load.consistency_problems(good, first, changes) == []
+  bad = {"an unknown generation": serve_load.Seen(0, 0, 1, False, 7, 1),
+         "a row past the generation's": serve_load.Seen(0, 0, 1, False, 4, 53),
+         "the probe not found where present": serve_load.Seen(0, 0, 1, True, 3, 55, True, False),
+         "the probe named where absent": serve_load.Seen(0, 0, 1, False, 2, 10, True),
+         "a generation going back": serve_load.Seen(0, 9, 10, False, 2, 1)}
+  for what, seen in bad.items():
+    extra = [serve_load.Seen(0, 5, 6, False, 3, 1)] if what == "a generation going back" else []
+    assert serve_load.consistency_problems(extra + [seen], first, changes), what
