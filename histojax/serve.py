@@ -6,9 +6,10 @@ One process (Starlette on uvicorn) loads the index and its query model once
 (`query.QueryEngine`) and serves:
 - `POST /api/search?k=10`, multipart field `image`: the `search --json` object
   for that image (tiles, neighbours, vote, top source images);
-- `GET /api/gallery/{row}/image`: the gallery patch of a row as PNG, read
-  from the TFDS split the index was built from (or, for a row added by
-  `index add`, from the index itself);
+- `GET /api/gallery/{row}/image[?generation=N]`: the gallery patch of a row as
+  PNG, read from the TFDS split the index was built from (or, for a row added
+  later, from the index itself); 409 when N (the generation of the search
+  that named the row; the page sends it) is not the one served;
 - `GET /api/info` (manifest summary), `GET /healthz`, and `GET /` (the page);
 - `POST /api/login`, `POST /api/logout`, `GET /api/session`, `GET /api/audit`
   (histojax.service.auth);
@@ -188,12 +189,16 @@ class Batcher:
 
 class Gallery:
   """Picture of every gallery row: from the TFDS split the index was built from, or from
-  the index folder for rows added later (`index add`)."""
+  the index folder for rows added later (`index add`, the curator routes).
+
+  Rows are numbered anew by every removal, so a picture asked for with the `generation` of
+  the search that named its row is refused (409) once the gallery has moved on, rather than
+  showing another case's tissue under that row's label."""
 
   def __init__(self, index_dir: str, manifest: dict, data_dir: str):
     self.index_dir, self.manifest, self.data_dir = index_dir, manifest, data_dir
     self.source, self.error = None, None
-    self.refresh()
+    self.refresh(generation_now=generation(manifest))
     try:
       # TFDS (and what it pulls in) is imported only to show a dataset's pictures: the
       # search path never needs it.
@@ -203,16 +208,28 @@ class Gallery:
       self.error = (f"gallery dataset {manifest.get('dataset')!r} (split {manifest.get('split')!r}, data_dir "
                     f"{data_dir or 'TFDS default'}) cannot be opened: {e}")
 
-  def refresh(self, rows: dict | None = None):
-    """The rows of the index now served (`rows`, else rows.npz read again)."""
-    self.rows = rows if rows is not None else indexing.load_rows(self.index_dir)
+  def refresh(self, rows: dict | None = None, generation_now: int | None = None):
+    """The rows of the index now served and their generation (else rows.npz and the manifest read again)."""
+    if rows is None:
+      rows, generation_now = indexing.load_rows(self.index_dir), generation(indexing.read_manifest(self.index_dir))
+    self.current = (rows, generation_now)  # one assignment: a picture reads both of one generation
 
-  def png(self, row: int) -> bytes:
-    rows = self.rows
+  @property
+  def rows(self) -> dict:
+    return self.current[0]
+
+  def png(self, row: int, wanted: int | None = None) -> bytes:
+    rows, served = self.current
+    if wanted is not None and wanted != served:
+      raise HTTPError(409, f"the gallery changed since that search (generation {wanted}, now {served}) and its rows "
+                      "were numbered anew: search again", reason="generation")
     if not 0 <= row < len(rows["label"]):
       raise HTTPError(404, f"gallery row {row} is out of range: the index has {len(rows['label'])} rows "
                       f"(0..{len(rows['label']) - 1})")
-    added = indexing.added_patch_png(self.index_dir, rows, row)
+    try:
+      added = indexing.added_patch_png(self.index_dir, rows, row)
+    except FileNotFoundError:  # its batch went with a removal swapped in a moment ago; rows not re-read yet
+      raise HTTPError(409, "the gallery changed a moment ago: search again", reason="generation") from None
     if added is not None:
       return added
     if self.source is None:
@@ -245,7 +262,7 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
   gate = gate or auth.Gate()
   gallery = Gallery(index_dir, engine.manifest, data_dir)
   # The pictures follow the rows the engine answers from (read with its searcher, one generation).
-  batcher = Batcher(engine, batch_wait_ms / 1000, max_batch, batching, on_reload=lambda: gallery.refresh(engine.rows))
+  batcher = Batcher(engine, batch_wait_ms / 1000, max_batch, batching, on_reload=lambda: gallery.refresh(engine.rows, generation(engine.manifest)))
 
   async def reload_now() -> int:
     await batcher.run(batcher.maybe_reload, True)
@@ -275,12 +292,14 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
     return JSONResponse(answer)
 
   async def gallery_image(request: Request):
-    raw = request.path_params["row"]
+    raw, wanted = request.path_params["row"], request.query_params.get("generation")
     if not re.fullmatch(r"[0-9]{1,12}", raw):
       return error_response(HTTPError(400, f"gallery row must be a non-negative integer, got {raw!r}"))
+    if wanted is not None and not re.fullmatch(r"[0-9]{1,12}", wanted):
+      return error_response(HTTPError(400, f"generation must be a non-negative integer, got {wanted!r}"))
     audit.note(request, row=int(raw))
     try:
-      data = await run_in_threadpool(gallery.png, int(raw))
+      data = await run_in_threadpool(gallery.png, int(raw), None if wanted is None else int(wanted))
     except HTTPError as e:
       return error_response(e)
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -128,15 +128,19 @@ def test_a_curator_adds_and_removes_a_case_and_the_next_search_follows(server, l
   assert after["generation"] == start + 1 == generation_on_disk(lab)
   assert found_as_itself(after, "case_901") and after["sources"][0]["label"] == "tumour"
   assert after["sources"][0]["score"] > 0.999
-  picture = httpx.get(f"{server.url}/api/gallery/{after['tiles'][0]['results'][0]['gallery_row']}/image",
-                      headers=bearer(lab, "rita"))
-  assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"  # from the index itself
+  picture = f"{server.url}/api/gallery/{after['tiles'][0]['results'][0]['gallery_row']}/image"
+  shown = httpx.get(picture, params={"generation": after["generation"]}, headers=bearer(lab, "rita"))
+  assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"  # from the index itself
   gone = remove(server, lab, "case_901")
   assert gone.status_code == 200, gone.text
   assert gone.json() == {"source_id": "case_901", "rows_removed": 4, "rows_after": lab["engine"].num_rows,
                          "generation": start + 2, "retrained": False}
   again = search(server, lab, image)
   assert again["generation"] == start + 2 and not mentions(again, "case_901")
+  # The removal renumbered the rows: the old answer's picture is refused, not another case's shown.
+  stale = httpx.get(picture, params={"generation": after["generation"]}, headers=bearer(lab, "rita"))
+  assert stale.status_code == 409 and stale.json()["reason"] == "generation" and "search again" in stale.text
+  assert httpx.get(picture, params={"generation": "x"}, headers=bearer(lab, "rita")).status_code == 400
   assert [s["source_id"] for s in again["sources"]] == [s["source_id"] for s in before["sources"]]
   adds, removes = audit_lines(lab, "add"), audit_lines(lab, "remove")
   assert {k: adds[-1][k] for k in ("user", "role", "status", "outcome", "source_ids", "label", "generation",

@@ -322,7 +322,9 @@ function redraw() {
   $("thumbs").replaceChildren(...shown.map((r) => el("figure", { className: "thumb", style: { "--c": colour(r.label_id) },
       dataset: { row: r.gallery_row, label: r.label } },
     // Rows added to the index carry their own picture even when the dataset is unreachable.
-    el("img", { src: `/api/gallery/${r.gallery_row}/image`, alt: `gallery patch ${r.gallery_row}, ${r.label}`,
+    // With the answer's generation: once a change renumbers the rows, the server refuses rather than show another case.
+    el("img", { src: `/api/gallery/${r.gallery_row}/image${a.generation === undefined ? "" : `?generation=${a.generation}`}`,
+      alt: `gallery patch ${r.gallery_row}, ${r.label}`,
       onerror: (e) => e.target.replaceWith(el("div", { className: "noimg" }, "picture unavailable")) }),
     el("figcaption", {}, el("div", { className: "label" }, r.label),
       el("div", { className: "meta" }, `score ${r.score.toFixed(3)}`),
