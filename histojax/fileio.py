@@ -65,11 +65,22 @@ def sibling(directory: str, tag: str) -> str:
   return os.path.join(parent, f".{name}.{tag}")
 
 
+class FolderBusy(BlockingIOError):
+  """Another writer holds the folder's lock (`folder_lock(..., wait=False)`)."""
+
+
 @contextlib.contextmanager
-def folder_lock(directory: str):
-  """An exclusive lock beside `directory` (`.<name>.lock`): one writer at a time, a second waits."""
+def folder_lock(directory: str, wait: bool = True):
+  """An exclusive lock beside `directory` (`.<name>.lock`): one writer at a time. A second
+  waits, or with `wait=False` raises `FolderBusy` at once (a server answers 409 rather than
+  hold a request open for as long as another write takes). The lock is flock(2)'s, per open
+  file: two threads of one process exclude each other as two processes do."""
   with open(sibling(directory, "lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise FolderBusy(f"{directory} is being changed by another writer (it holds {sibling(directory, 'lock')}); "
+                       "try again when that change is done") from None
     try:
       yield
     finally:

@@ -169,16 +169,39 @@ class QueryEngine:
                        step if step is not None else manifest["checkpoint"]["step"])
     return cls(index_dir, model, workdir, step, resize)
 
-  def _load(self) -> None:
-    manifest = indexing.read_manifest(self.index_dir)
-    indexing.check_manifest(manifest, self.model.expected_by(manifest), self.index_dir)
-    self._searcher, self.manifest = indexing.load(self.index_dir)
-    self.rows = indexing.load_rows(self.index_dir)
+  def _load(self, tries: int = 3) -> None:
+    """Reads the index folder whole or not at all. A growth swapping in its next generation
+    (`index add|remove`, the service's curator routes) while the files are read moves their
+    stamps: the read is redone, and what is in use changes only once every part is of one
+    generation (a failed read leaves the index in use as it was)."""
+    for _ in range(tries):
+      stamp = self._disk_stamp()
+      try:
+        searcher, manifest, rows = self._read()
+      except (OSError, ValueError):  # e.g. a file of the generation swapped out, already removed
+        if self._disk_stamp() == stamp:
+          raise
+        continue
+      if self._disk_stamp() != stamp:
+        continue
+      if len(rows["label"]) != searcher.size:
+        raise ValueError(f"index {self.index_dir}: rows.npz has {len(rows['label'])} rows, the searcher "
+                         f"{searcher.size}; rebuild the index")
+      break
+    else:
+      raise ValueError(f"index {self.index_dir} changed {tries} times while being read; try again")
+    self._searcher, self.manifest, self.rows = searcher, manifest, rows
     self.class_names = list(manifest.get("class_names") or [])
     self.image_size = self.model.image_size
-    self.num_rows = int(self._searcher.size)
-    self.tiling = tiling_record(self.manifest, self.image_size, self._resize)
-    self._stamp = self._disk_stamp()
+    self.num_rows = int(searcher.size)
+    self.tiling = tiling_record(manifest, self.image_size, self._resize)
+    self._stamp = stamp
+
+  def _read(self) -> tuple:
+    manifest = indexing.read_manifest(self.index_dir)
+    indexing.check_manifest(manifest, self.model.expected_by(manifest), self.index_dir)
+    searcher, manifest = indexing.load(self.index_dir)
+    return searcher, manifest, indexing.load_rows(self.index_dir)
 
   def _disk_stamp(self) -> tuple:
     """(modification time, size) of the files an index swap or growth rewrites."""

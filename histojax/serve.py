@@ -6,16 +6,20 @@ One process (Starlette on uvicorn) loads the index and its query model once
 (`query.QueryEngine`) and serves:
 - `POST /api/search?k=10`, multipart field `image`: the `search --json` object
   for that image (tiles, neighbours, vote, top source images);
-- `GET /api/gallery/{row}/image`: the gallery patch of a row as PNG, read
-  from the TFDS split the index was built from (or, for a row added by
-  `index add`, from the index itself);
+- `GET /api/gallery/{row}/image[?generation=N]`: the gallery patch of a row as
+  PNG, read from the TFDS split the index was built from (or, for a row added
+  later, from the index itself); 409 when N (the generation of the search
+  that named the row; the page sends it) is not the one served;
 - `GET /api/info` (manifest summary), `GET /healthz`, and `GET /` (the page);
 - `POST /api/login`, `POST /api/logout`, `GET /api/session`, `GET /api/audit`
-  (histojax.service.auth).
+  (histojax.service.auth);
+- `POST /api/gallery` (multipart image, label, source_id[, new_label]) and
+  `DELETE /api/gallery/sources/{source_id}`: a curator adds or removes a case,
+  through the CLI's curator code on a thread of its own (histojax.service.curate).
 
 Who may call what (histojax.service, docs/serving-a-lab.md): every API route
 goes through `Gate.guard` with the action it needs (search, picture, info:
-readers; reload, audit and later add/remove: curators). Without
+readers; reload, audit, add and remove: curators). Without
 `--auth_tokens` or `--trusted_proxy` the service is read-only, open to whoever
 reaches it, and refuses a non-loopback --host unless `--insecure_no_auth`.
 Every search answer carries the index `generation` it was answered from.
@@ -33,7 +37,10 @@ request at a time (the load benchmark's baseline).
 
 A changed index (`index add|remove`) is picked up without a restart: before
 a batch, at most once a second, the worker asks the engine to
-`reload_if_changed`; `POST /api/reload` (curators) does it at once.
+`reload_if_changed`; `POST /api/reload` (curators) and the server's own
+additions and removals do it at once. Searches answer from the generation in
+memory until then (a reload reads every file of one generation, or keeps the
+previous one).
 
 Bad input gets a 4xx with a message and the server goes on: 413 over
 `--max_upload_mb` (64) or over the pixel limit, 400 for an empty, truncated
@@ -69,7 +76,8 @@ from starlette.staticfiles import StaticFiles
 
 from histojax import indexing, query, service
 from histojax.data import images
-from histojax.service import audit, auth, headers
+from histojax.service import audit, auth, curate, headers
+from histojax.service.forms import HTTPError, error_response, read_upload
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 MiB = 1 << 20
@@ -78,12 +86,6 @@ MiB = 1 << 20
 def generation(manifest: dict) -> int:
   """How many times the index was grown since it was built (its manifest's growth record)."""
   return int((manifest.get("growth") or {}).get("generation", 0))
-
-
-class HTTPError(Exception):
-  def __init__(self, status: int, message: str):
-    super().__init__(message)
-    self.status = status
 
 
 # --- Dynamic batching ----------------------------------------------------------------
@@ -187,12 +189,16 @@ class Batcher:
 
 class Gallery:
   """Picture of every gallery row: from the TFDS split the index was built from, or from
-  the index folder for rows added later (`index add`)."""
+  the index folder for rows added later (`index add`, the curator routes).
+
+  Rows are numbered anew by every removal, so a picture asked for with the `generation` of
+  the search that named its row is refused (409) once the gallery has moved on, rather than
+  showing another case's tissue under that row's label."""
 
   def __init__(self, index_dir: str, manifest: dict, data_dir: str):
     self.index_dir, self.manifest, self.data_dir = index_dir, manifest, data_dir
     self.source, self.error = None, None
-    self.refresh()
+    self.refresh(generation_now=generation(manifest))
     try:
       # TFDS (and what it pulls in) is imported only to show a dataset's pictures: the
       # search path never needs it.
@@ -202,16 +208,28 @@ class Gallery:
       self.error = (f"gallery dataset {manifest.get('dataset')!r} (split {manifest.get('split')!r}, data_dir "
                     f"{data_dir or 'TFDS default'}) cannot be opened: {e}")
 
-  def refresh(self):
-    """Re-reads rows.npz (after the index changed); the old rows stay until it is read."""
-    self.rows = indexing.load_rows(self.index_dir)
+  def refresh(self, rows: dict | None = None, generation_now: int | None = None):
+    """The rows of the index now served and their generation (else rows.npz and the manifest read again)."""
+    if rows is None:
+      rows, generation_now = indexing.load_rows(self.index_dir), generation(indexing.read_manifest(self.index_dir))
+    self.current = (rows, generation_now)  # one assignment: a picture reads both of one generation
 
-  def png(self, row: int) -> bytes:
-    rows = self.rows
+  @property
+  def rows(self) -> dict:
+    return self.current[0]
+
+  def png(self, row: int, wanted: int | None = None) -> bytes:
+    rows, served = self.current
+    if wanted is not None and wanted != served:
+      raise HTTPError(409, f"the gallery changed since that search (generation {wanted}, now {served}) and its rows "
+                      "were numbered anew: search again", reason="generation")
     if not 0 <= row < len(rows["label"]):
       raise HTTPError(404, f"gallery row {row} is out of range: the index has {len(rows['label'])} rows "
                       f"(0..{len(rows['label']) - 1})")
-    added = indexing.added_patch_png(self.index_dir, rows, row)
+    try:
+      added = indexing.added_patch_png(self.index_dir, rows, row)
+    except FileNotFoundError:  # its batch went with a removal swapped in a moment ago; rows not re-read yet
+      raise HTTPError(409, "the gallery changed a moment ago: search again", reason="generation") from None
     if added is not None:
       return added
     if self.source is None:
@@ -227,44 +245,11 @@ class Gallery:
 
 # --- Requests ----------------------------------------------------------------------------
 
-async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
-  """(file name, bytes) of the multipart field `image`; 413 past `limit` bytes, counted as
-  the body arrives (a missing or wrong Content-Length does not get past it)."""
-  declared = request.headers.get("content-length")
-  if declared and declared.isdigit() and int(declared) > limit:
-    raise HTTPError(413, f"upload of {int(declared)} bytes is over the limit of {limit} bytes "
-                    f"({limit / MiB:g} MiB; the server's --max_upload_mb)")
-  body = bytearray()
-  async for chunk in request.stream():
-    body += chunk
-    if len(body) > limit:
-      raise HTTPError(413, f"upload is over the limit of {limit} bytes ({limit / MiB:g} MiB; the server's "
-                      "--max_upload_mb)")
-
-  async def replay():
-    return {"type": "http.request", "body": bytes(body), "more_body": False}
-  try:
-    form = await Request(request.scope, replay).form(max_files=1, max_fields=4)
-  except Exception as e:  # noqa: BLE001  (python-multipart's parse errors)
-    raise HTTPError(400, f"the request body is not a multipart form with an image field: {e}") from e
-  upload = form.get("image")
-  if upload is None or isinstance(upload, str):
-    raise HTTPError(400, "no file in the multipart field 'image' (send the image as form field 'image')")
-  data = await upload.read()
-  if not data:
-    raise HTTPError(400, f"the uploaded file {upload.filename!r} is empty")
-  return os.path.basename(upload.filename or "upload"), data
-
-
 def parse_k(request: Request, num_rows: int) -> int:
   raw = request.query_params.get("k", "10")
   if not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= 1000:
     raise HTTPError(400, f"k must be an integer from 1 to 1000, got {raw!r}")
   return min(int(raw), num_rows)
-
-
-def error_response(e: HTTPError) -> JSONResponse:
-  return JSONResponse({"error": str(e), "status": e.status}, status_code=e.status)
 
 
 def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int = 64 * MiB,
@@ -276,7 +261,13 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
   max_pixels = max_pixels or images.DEFAULT_MAX_PIXELS["serve"]
   gate = gate or auth.Gate()
   gallery = Gallery(index_dir, engine.manifest, data_dir)
-  batcher = Batcher(engine, batch_wait_ms / 1000, max_batch, batching, on_reload=gallery.refresh)
+  # The pictures follow the rows the engine answers from (read with its searcher, one generation).
+  batcher = Batcher(engine, batch_wait_ms / 1000, max_batch, batching, on_reload=lambda: gallery.refresh(engine.rows, generation(engine.manifest)))
+
+  async def reload_now() -> int:
+    await batcher.run(batcher.maybe_reload, True)
+    return generation(engine.manifest)
+  curation = curate.Curation(engine, index_dir, reload_now, max_upload_bytes, max_pixels)
 
   async def search(request: Request):
     try:
@@ -301,12 +292,14 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
     return JSONResponse(answer)
 
   async def gallery_image(request: Request):
-    raw = request.path_params["row"]
+    raw, wanted = request.path_params["row"], request.query_params.get("generation")
     if not re.fullmatch(r"[0-9]{1,12}", raw):
       return error_response(HTTPError(400, f"gallery row must be a non-negative integer, got {raw!r}"))
+    if wanted is not None and not re.fullmatch(r"[0-9]{1,12}", wanted):
+      return error_response(HTTPError(400, f"generation must be a non-negative integer, got {wanted!r}"))
     audit.note(request, row=int(raw))
     try:
-      data = await run_in_threadpool(gallery.png, int(raw))
+      data = await run_in_threadpool(gallery.png, int(raw), None if wanted is None else int(wanted))
     except HTTPError as e:
       return error_response(e)
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
@@ -343,6 +336,7 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
     await batcher.start()
     yield
     await batcher.stop()
+    curation.close()
     gate.audit.close()
 
   guard = gate.guard  # each API route with the action it needs (histojax.service.tokens.ALLOWED)
@@ -350,12 +344,13 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
       Route("/", page), Route("/healthz", healthz), Route("/api/info", guard("info", info)),
       Route("/api/search", guard("search", search, upload=True), methods=["POST"]),
       Route("/api/reload", guard("reload", reload), methods=["POST"]),
+      *curation.routes(guard),  # POST /api/gallery, DELETE /api/gallery/sources/{id}: before the catch-all
       Route("/api/gallery/{row}/image", guard("picture", gallery_image)),
       Route("/api/gallery/{rest:path}", guard("picture", gallery_other)),
       *gate.routes(),
       Mount("/static", StaticFiles(directory=STATIC)),
   ], lifespan=lifespan, middleware=headers.middleware(cors_origins, loopback_hosts_only))
-  app.state.batcher, app.state.gallery, app.state.gate = batcher, gallery, gate
+  app.state.batcher, app.state.gallery, app.state.gate, app.state.curation = batcher, gallery, gate, curation
   return app
 
 

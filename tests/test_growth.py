@@ -242,6 +242,77 @@ def test_an_add_killed_mid_write_leaves_a_readable_index(tmp_path, where):
   assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]  # nothing half-written left
 
 
+class Engine:
+  """What `curator.add_upload` needs of a query engine: a cut (8 px tiles) and an embedding."""
+
+  class model:  # noqa: N801  (the engine's `model` attribute)
+    @staticmethod
+    def expected_by(manifest):
+      return {}
+
+    @staticmethod
+    def embed(patches):
+      flat = patches.reshape(len(patches), -1).astype(np.float32)
+      return flat[:, :16] - 127.5
+
+  @staticmethod
+  def cut(image):
+    tiles = [image[y:y + 8, x:x + 8] for y in range(0, image.shape[0] - 7, 8) for x in range(0, image.shape[1] - 7, 8)]
+    return type("Patches", (), {"images": np.stack(tiles), "coords": [(0, 0)] * len(tiles), "dropped": 0})
+
+
+def test_an_upload_is_checked_under_the_lock_and_may_bring_a_new_class(tmp_path):
+  directory, _ = _saved(tmp_path)
+  image = np.random.default_rng(7).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+  with pytest.raises(curator.UnknownClass, match="'d' is not one of the index's classes"):
+    curator.add_upload(Engine, directory, "up1", image, "d")
+  with fileio.folder_lock(directory), pytest.raises(fileio.FolderBusy, match="another writer"):
+    curator.add_upload(Engine, directory, "up1", image, "b")  # the lock is held: at once, not waiting
+  with fileio.folder_lock(directory), pytest.raises(fileio.FolderBusy):
+    curator.remove(directory, ["img000"], wait=False)
+  summary = curator.add_upload(Engine, directory, "up1", image, "d", new_class=True)
+  assert (summary["rows_added"], summary["label_id"], summary["new_class"], summary["generation"]) == (4, 3, True, 1)
+  manifest = indexing.read_manifest(directory)
+  assert manifest["class_names"] == ["a", "b", "c", "d"] and manifest["growth"]["log"][-1]["new_class"] == "d"
+  assert indexing.load_rows(directory)["label"][-4:].tolist() == [3] * 4
+  again = curator.add_upload(Engine, directory, "up2", image, "d", new_class=True)  # now a known class
+  assert again["new_class"] is False and indexing.read_manifest(directory)["class_names"] == ["a", "b", "c", "d"]
+  with pytest.raises(curator.SourceExists, match="already in the index"):
+    curator.add_upload(Engine, directory, "up1", image, "a")
+  with pytest.raises(curator.UnusableImage):
+    curator.add_upload(Engine, directory, "up3", image[:4, :4], "a")  # not one tile
+  with pytest.raises(curator.UnknownSource):
+    curator.remove(directory, ["up9"])
+  assert curator.remove(directory, ["up1", "up2"])["generation"] == 3 and indexing.load(directory)[0].size == 300
+
+
+UPLOAD_KILL_SCRIPT = """
+import os, signal, sys
+import numpy as np
+from histojax.indexing import curator, writer
+from tests.test_growth import Engine
+real = np.savez
+def kill(path, **arrays):
+  real(path, **arrays); os.kill(os.getpid(), signal.SIGKILL)
+writer.np.savez = kill
+image = np.random.default_rng(8).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+curator.add_upload(Engine, sys.argv[1], "up1", image, "new class", new_class=True)
+"""
+
+
+def test_an_upload_killed_mid_write_leaves_the_previous_index(tmp_path):
+  """The service's additions (a new class included) write through the same swap as the CLI."""
+  directory, _ = _saved(tmp_path)
+  before = {name: open(os.path.join(directory, name), "rb").read() for name in ("manifest.json", "rows.npz")}
+  done = subprocess.run([sys.executable, "-c", UPLOAD_KILL_SCRIPT, directory], cwd=ROOT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+  assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+  assert {n: open(os.path.join(directory, n), "rb").read() for n in before} == before
+  assert indexing.load(directory)[0].size == 300 and indexing.read_manifest(directory)["class_names"] == ["a", "b", "c"]
+  assert curator.add_upload(Engine, directory, "up1", np.zeros((8, 8, 3), np.uint8), "c")["generation"] == 1
+  assert not os.path.exists(os.path.join(tmp_path, ".index.next"))
+
+
 def test_evaluate_never_overwrites_an_index_grown_by_hand(tmp_path):
   """`evaluate` rebuilds `<workdir>/index` when the export changed; cases added with
   `index add` live only there, so a grown index is searched around, never replaced."""

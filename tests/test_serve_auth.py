@@ -28,16 +28,13 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from starlette.applications import Starlette
 from starlette.exceptions import StarletteDeprecationWarning
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 with warnings.catch_warnings():  # Starlette 1.x would have httpx2 under its TestClient; httpx is the pinned one
   warnings.simplefilter("ignore", StarletteDeprecationWarning)
   from starlette.testclient import TestClient
 
-from histojax import index, serve, service
+from histojax import indexing, query, serve, service
 from histojax.service import audit, auth, headers, sessions, tokens
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,14 +45,39 @@ LIFETIME = 3600.0
 CHROMIUM = "/usr/bin/chromium"
 
 
+class FakeEmbedding:
+  """The model a gallery addition is embedded with: the patch's mean colour over a 4 x 4 grid
+  (48 numbers), the first 32 of them (the index's dim)."""
+
+  @staticmethod
+  def expected_by(manifest):
+    return {}
+
+  @staticmethod
+  def embed(patches):
+    n, s = len(patches), patches.shape[1] // 4 * 4
+    grid = patches[:, :s, :s].reshape(n, 4, s // 4, 4, s // 4, 3).astype(np.float32).mean(axis=(2, 4))
+    return grid.reshape(n, 48)[:, :32] - 127.5
+
+
 class FakeEngine:
-  """What build_app needs of a QueryEngine; answers name gallery rows 48..51 (pictures in the index)."""
+  """What build_app needs of a QueryEngine; answers name gallery rows 48..51 (pictures in the
+  index). Additions go through the real curator (the real cut, a stand-in embedding)."""
+
+  model = FakeEmbedding
 
   def __init__(self, index_dir, block: threading.Event | None = None):
-    self.manifest = index.read_manifest(index_dir)
+    self.index_dir, self.block, self.reloads = index_dir, block, 0
+    self._load()
+
+  def _load(self):
+    self.manifest, self.rows = indexing.read_manifest(self.index_dir), indexing.load_rows(self.index_dir)
     self.class_names = list(self.manifest["class_names"])
-    self.num_rows, self.image_size, self.tiling = 52, 48, dict(self.manifest["tiling"])
-    self.block, self.reloads = block, 0
+    self.num_rows, self.image_size, self.tiling = len(self.rows["label"]), 48, dict(self.manifest["tiling"])
+    self._stamp = os.stat(os.path.join(self.index_dir, "manifest.json")).st_mtime_ns
+
+  def cut(self, image):
+    return query.cut(image, self.tiling, self.image_size)
 
   def answer_batch(self, queries, k):
     if self.block is not None:
@@ -74,7 +96,10 @@ class FakeEngine:
 
   def reload_if_changed(self):
     self.reloads += 1
-    return False
+    if os.stat(os.path.join(self.index_dir, "manifest.json")).st_mtime_ns == self._stamp:
+      return False
+    self._load()
+    return True
 
 
 class Clock:
@@ -125,19 +150,32 @@ def make_gate(lab, proxy=True, audit_path=None, clock=None, **options):
                    session_seconds=LIFETIME, clock=clock or Clock(), **options)
 
 
-def make_app(lab, gate=None, engine=None, **options):
-  return serve.build_app(engine or FakeEngine(lab["index"]), lab["index"], str(lab["folder"] / "no_tfds"),
+def make_app(lab, gate=None, engine=None, index_dir=None, **options):
+  index_dir = index_dir or lab["index"]
+  return serve.build_app(engine or FakeEngine(index_dir), index_dir, str(lab["folder"] / "no_tfds"),
                          gate=gate, **options)
 
 
+def own_index(tmp_path) -> str:
+  """A copy of the grown index for a test that changes it (lab's stays at generation 2)."""
+  shutil.copytree(GROWN, tmp_path / "index")
+  return str(tmp_path / "index")
+
+
 @pytest.fixture(scope="module")
-def secured(lab):
-  """A TestClient on an app with tokens, the proxy and an audit log; its clock moves on demand."""
+def secured(lab, tmp_path_factory):
+  """A TestClient on an app with tokens, the proxy and an audit log over an index of its own
+  (the curator routes change it); its clock moves on demand."""
   clock = Clock()
   gate = make_gate(lab, audit_path=str(lab["folder"] / "audit.jsonl"), clock=clock)
-  with TestClient(with_peer(make_app(lab, gate)), base_url=ORIGIN) as client:
-    client.clock, client.gate = clock, gate
+  index_dir = own_index(tmp_path_factory.mktemp("secured"))
+  with TestClient(with_peer(make_app(lab, gate, index_dir=index_dir)), base_url=ORIGIN) as client:
+    client.clock, client.gate, client.index, client.audit = clock, gate, index_dir, lab["folder"] / "audit.jsonl"
     yield client
+
+
+def served_generation(client) -> int:
+  return serve.generation(indexing.read_manifest(client.index))
 
 
 def call(client, method, path, headers=None, cookie=None, **kwargs):
@@ -207,7 +245,9 @@ ROUTES = {  # name: (method, path, what it needs: public | login | an action)
     "search": ("POST", "/api/search", "search"), "gallery image": ("GET", "/api/gallery/48/image", "picture"),
     "reload": ("POST", "/api/reload", "reload"), "audit": ("GET", "/api/audit", "audit"),
     "login": ("POST", "/api/login", "login"), "logout": ("POST", "/api/logout", "public"),
+    "add": ("POST", "/api/gallery", "add"), "remove": ("DELETE", "/api/gallery/sources/added1", "remove"),
 }
+CASE = {"label": "stroma"}  # an addition's form, with a source id of its own per request
 
 
 def expected(route, credential) -> int:
@@ -221,12 +261,23 @@ def expected(route, credential) -> int:
   return 200 if tokens.may(who, need) else 403
 
 
+def source_for(credential) -> str:
+  return "m_" + "".join(c if c.isalnum() else "_" for c in credential)
+
+
 def send(client, lab, route, credential):
   method, path, need = ROUTES[route]
   made = CREDENTIALS[credential][0](client, lab)
   kwargs = {}
-  if route == "search":
+  if route in ("search", "add"):
     kwargs["files"] = {"image": ("q.png", png(), "image/png")}
+  if route == "add":
+    kwargs["data"] = {**CASE, "source_id": source_for(credential)}
+  if route == "remove":  # a case of its own, added by a curator token, for this credential to remove
+    added = call(client, "POST", "/api/gallery", headers={"Authorization": f"Bearer {lab['issued']['carl']}"},
+                 data={**CASE, "source_id": source_for(credential) + "_r"}, files={"image": ("q.png", png(), "image/png")})
+    assert added.status_code == 200, added.text
+    path = f"/api/gallery/sources/{source_for(credential)}_r"
   if route == "login":
     return call(client, method, path, json={"token": made.get("token", "")}, headers={"Origin": ORIGIN})
   return call(client, method, path, headers=made.get("headers"), cookie=made.get("cookie"), **kwargs)
@@ -243,7 +294,16 @@ def test_route_by_credential_matrix(secured, lab, route):
     if response.status_code == 403:
       assert "curator" in response.json()["error"] or "no role" in response.json()["error"]
   if route == "search":
-    assert got["reader token"].json()["generation"] == 2  # the grown fixture's growth record
+    assert got["reader token"].json()["generation"] == served_generation(secured)  # 2 + the changes made so far
+  if route in ("add", "remove"):  # one audit line per cell, the changes with their source ids and generation
+    lines = [json.loads(line) for line in secured.audit.read_text().splitlines()]
+    cells = [e for e in lines if e["action"] == route][-len(CREDENTIALS):]
+    assert [e["status"] for e in cells] == list(table.values())
+    for credential, event in zip(CREDENTIALS, cells):
+      if event["status"] == 200:
+        answer = got[credential].json()
+        assert event["source_ids"] == [answer["source_id"]] and event["generation"] == answer["generation"]
+        assert answer["source_id"].startswith(source_for(credential))
   if route == "session":
     assert got["curator session"].json()["user"] == "carl" and got["proxy reader, trusted address"].json()["role"] \
         == "reader" and got["proxy curator, untrusted address"].json()["user"] is None
@@ -257,12 +317,13 @@ def test_without_authentication_the_service_is_read_only(lab, credential):
   with TestClient(make_app(lab), base_url=ORIGIN) as client:
     got = {}
     for route, (method, path, need) in ROUTES.items():
-      kwargs = {"files": {"image": ("q.png", png(), "image/png")}} if route == "search" else {}
-      got[route] = call(client, method, path, headers=NO_AUTH[credential], **kwargs)
+      kwargs = {"files": {"image": ("q.png", png(), "image/png")}} if route in ("search", "add") else {}
+      got[route] = call(client, method, path, headers=NO_AUTH[credential], data=CASE if route == "add" else None,
+                        **kwargs)
     assert {r: g.status_code for r, g in got.items()} == {
         "page": 200, "healthz": 200, "session": 200, "info": 200, "search": 200, "gallery image": 200,
-        "reload": 403, "audit": 403, "login": 403, "logout": 200}
-    for route in ("reload", "audit", "login"):  # each says how to enable the curator routes
+        "reload": 403, "audit": 403, "login": 403, "logout": 200, "add": 403, "remove": 403}
+    for route in ("reload", "audit", "login", "add", "remove"):  # each says how to enable the curator routes
       assert "--auth_tokens FILE" in got[route].json()["error"] and "token add" in got[route].json()["error"]
     assert got["session"].json()["auth"] == {"tokens": False, "proxy": False}
     assert got["search"].json()["generation"] == 2
@@ -310,17 +371,26 @@ def test_csrf_refused_without_the_header_or_with_a_foreign_origin(secured, lab):
       "no origin": {sessions.CSRF_HEADER: csrf},
       "origin of another port": {"Origin": "http://testserver:8081", sessions.CSRF_HEADER: csrf},
   }
+  add = ("POST", "/api/gallery", {"files": files, "data": {**CASE, "source_id": "csrf_case"}})
+  remove = ("DELETE", "/api/gallery/sources/added1", {})
+  start = served_generation(secured)
   for what, head in cases.items():
-    for method, path, kwargs in (("POST", "/api/reload", {}), ("POST", "/api/search", {"files": files})):
+    for method, path, kwargs in (("POST", "/api/reload", {}), ("POST", "/api/search", {"files": files}), add, remove):
       response = call(secured, method, path, headers=head, cookie=cookie, **kwargs)
       assert response.status_code == 403, (what, path, response.text)
       assert "X-CSRF-Token" in response.json()["error"] or "Origin" in response.json()["error"]
+  assert served_generation(secured) == start  # nothing was changed
   ok = call(secured, "POST", "/api/reload", headers={"Origin": ORIGIN, sessions.CSRF_HEADER: csrf}, cookie=cookie)
-  assert ok.status_code == 200 and ok.json()["generation"] == 2
+  assert ok.status_code == 200 and ok.json()["generation"] == start
   # The proxy's users ride on the proxy's cookie: the same rule.
   base = {"x-test-peer": PROXY, "X-Forwarded-User": "cora", "Origin": ORIGIN}
-  assert call(secured, "POST", "/api/reload", headers=base).status_code == 403
-  assert call(secured, "POST", "/api/reload", headers={**base, "Origin": "https://evil.example"}).status_code == 403
+  for method, path, kwargs in (("POST", "/api/reload", {}), add, remove):
+    assert call(secured, method, path, headers=base, **kwargs).status_code == 403
+    assert call(secured, method, path, headers={**base, "Origin": "https://evil.example"}, **kwargs).status_code == 403
+  # With the header and this server's Origin, the page's changes go through.
+  good = {"Origin": ORIGIN, sessions.CSRF_HEADER: csrf}
+  assert call(secured, add[0], add[1], headers=good, cookie=cookie, **add[2]).json()["generation"] == start + 1
+  assert call(secured, "DELETE", "/api/gallery/sources/csrf_case", headers=good, cookie=cookie).status_code == 200
   # Bearer clients need neither: no browser adds an Authorization header by itself.
   assert call(secured, "POST", "/api/reload", headers={"Authorization": f"Bearer {lab['issued']['carl']}"}
               ).status_code == 200
@@ -341,41 +411,6 @@ def test_revoking_a_token_ends_its_sessions_at_once(lab, tmp_path):
     assert call(client, "GET", "/api/info", headers={"Authorization": f"Bearer {token}"}).status_code == 401
     response = call(client, "GET", "/api/info", cookie=cookie)
     assert response.status_code == 401 and "revoked" in response.json()["error"]
-
-
-def test_a_curator_write_route_slots_in(lab, tmp_path):
-  """Phase 2's POST /api/gallery and DELETE /api/gallery/sources/{id}: one `guard` call each
-  gives them the curator check, CSRF and the audit fields their handlers note."""
-  async def add_case(request):
-    audit.note(request, source_ids=["case_9"], generation=3, rows_added=4)
-    return JSONResponse({"source_id": "case_9", "rows_added": 4, "generation": 3})
-
-  async def remove_case(request):
-    audit.note(request, source_ids=[request.path_params["source_id"]], generation=4)
-    return JSONResponse({"rows_removed": 4, "generation": 4})
-
-  def app(gate):
-    return Starlette(routes=[Route("/api/gallery", gate.guard("add", add_case, upload=True), methods=["POST"]),
-                             Route("/api/gallery/sources/{source_id}", gate.guard("remove", remove_case),
-                                   methods=["DELETE"]), *gate.routes()])
-  gate = make_gate(lab, proxy=False, audit_path=str(tmp_path / "audit.jsonl"))
-  carl, rita = ({"Authorization": f"Bearer {lab['issued'][n]}"} for n in ("carl", "rita"))
-  with TestClient(app(gate), base_url=ORIGIN) as client:
-    assert call(client, "POST", "/api/gallery", headers=rita).status_code == 403
-    assert call(client, "POST", "/api/gallery").status_code == 401
-    assert call(client, "POST", "/api/gallery", headers=carl).json()["rows_added"] == 4
-    cookie, csrf = login(client, lab["issued"]["carl"])
-    assert call(client, "DELETE", "/api/gallery/sources/case_9", cookie=cookie).status_code == 403  # no CSRF
-    assert call(client, "DELETE", "/api/gallery/sources/case_9", cookie=cookie,
-                headers={sessions.CSRF_HEADER: csrf, "Origin": ORIGIN}).status_code == 200
-  lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
-  assert [(e["action"], e["status"]) for e in lines] == [("add", 403), ("add", 401), ("add", 200), ("login", 200),
-                                                         ("remove", 403), ("remove", 200)]
-  assert (lines[2]["source_ids"], lines[2]["generation"], lines[2]["user"]) == (["case_9"], 3, "carl")
-  assert (lines[5]["source_ids"], lines[5]["generation"], lines[5]["via"]) == (["case_9"], 4, "session")
-  with TestClient(app(auth.Gate()), base_url=ORIGIN) as open_client:  # no authentication: read-only
-    refused = call(open_client, "POST", "/api/gallery")
-    assert refused.status_code == 403 and "adding and removing cases" in refused.json()["error"]
 
 
 # --- Tokens on disk -------------------------------------------------------------------------
@@ -495,7 +530,7 @@ def test_audit_log_records_who_did_what_and_never_a_token_or_image(lab, tmp_path
   gate = make_gate(lab, audit_path=str(log))
   image, name = png(7), "patient_4711_slide.png"
   carl, rita = lab["issued"]["carl"], lab["issued"]["rita"]
-  with TestClient(with_peer(make_app(lab, gate)), base_url=ORIGIN) as client:
+  with TestClient(with_peer(make_app(lab, gate, index_dir=own_index(tmp_path))), base_url=ORIGIN) as client:
     found = call(client, "POST", "/api/search", headers={"Authorization": f"Bearer {rita}"},
                  files={"image": (name, image, "image/png")})
     assert found.status_code == 200
@@ -505,8 +540,11 @@ def test_audit_log_records_who_did_what_and_never_a_token_or_image(lab, tmp_path
     login(client, carl)
     call(client, "GET", "/api/gallery/50/image", headers={"x-test-peer": PROXY, "X-Forwarded-User": "pat",
                                                           "X-Forwarded-For": "198.51.100.1, 192.0.2.7"})
+    for who in (rita, carl):  # a reader's attempt to add, then a curator's addition, of the same picture
+      call(client, "POST", "/api/gallery", headers={"Authorization": f"Bearer {who}"},
+           data={"label": "tumour", "source_id": "case_4711"}, files={"image": (name, image, "image/png")})
     entries = call(client, "GET", "/api/audit", headers={"Authorization": f"Bearer {carl}"}).json()["entries"]
-  search, bad_login, reload, bad_token, good_login, picture = entries
+  search, bad_login, reload, bad_token, good_login, picture, refused_add, added = entries
   assert search["user"] == "rita" and search["role"] == "reader" and search["route"] == "/api/search"
   assert search["outcome"] == "ok" and search["status"] == 200 and search["generation"] == 2 and search["time"]
   assert search["query"] == {"sha256": hashlib.sha256(image).hexdigest(), "bytes": len(image)}
@@ -516,6 +554,11 @@ def test_audit_log_records_who_did_what_and_never_a_token_or_image(lab, tmp_path
   assert (reload["user"], reload["action"], reload["outcome"], reload["status"]) == ("rita", "reload", "forbidden", 403)
   assert bad_token["outcome"] == "unauthenticated" and good_login["user"] == "carl" and good_login["outcome"] == "ok"
   assert (picture["user"], picture["via"], picture["row"], picture["client"]) == ("pat", "proxy", 50, "192.0.2.7")
+  assert (refused_add["user"], refused_add["action"], refused_add["outcome"], refused_add["status"]) == \
+      ("rita", "add", "forbidden", 403) and "reader" in refused_add["reason"]
+  assert (added["user"], added["outcome"], added["source_ids"], added["label"], added["generation"],
+          added["rows_added"], added["retrained"]) == ("carl", "ok", ["case_4711"], "tumour", 3, 1, False)
+  assert added["image"] == {"sha256": hashlib.sha256(image).hexdigest(), "bytes": len(image)}
   raw = b"".join(p.read_bytes() for p in log.parent.iterdir())
   for secret in (carl, rita, "wrong-" + carl, carl[:-1], lab["issued"]["rex"]):
     assert secret.encode() not in raw

@@ -11,6 +11,12 @@ rows are renumbered, the same order applied to every mode and to `rows.npz`.
 Added patches are kept in the index (`patches/<batch>.pngs`: the model-input crops, PNG,
 concatenated) so the service can show them; `rows.npz` says for every row where its
 picture is (`store.ORIGIN_FIELDS`).
+
+The service adds one decoded upload at a time (`add_upload`): its label may be a class the
+index does not have yet (appended to the manifest's `class_names` in the same generation), and
+it takes the lock without waiting (`fileio.FolderBusy`), checks, cuts, embeds and writes under
+it, so a second writer learns at once that it must wait rather than after embedding. The
+refusals are exceptions of their own (subclasses of what the CLI already catches).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 
 from histojax import fileio
 from histojax.data import images as images_lib
-from histojax.indexing import growth, searcher, writer
+from histojax.indexing import growth, searcher, store, writer
 
 
 @dataclasses.dataclass
@@ -38,52 +44,85 @@ class Cases:
   coords: np.ndarray  # [m, 2] int32
 
 
+class SourceExists(ValueError):
+  """A source id the index already holds (remove it first)."""
+
+
+class UnknownSource(KeyError):
+  """A source id no row of the index has."""
+
+
+class UnknownClass(ValueError):
+  """A label that is not one of the index's classes (and no new class was asked for)."""
+
+
+class UnusableImage(ValueError):
+  """An image that gives nothing to add: smaller than the model input, or no tile with tissue."""
+
+
 def _concat_rows(a: dict, b: dict) -> dict:
   return {key: np.concatenate([a[key], b[key]]) for key in a}
 
 
-def add(directory: str, cases: Cases, rebalance: bool = False) -> dict:
-  """Appends `cases` to the index in `directory`; returns a summary."""
+def add(directory: str, cases: Cases, rebalance: bool = False, wait: bool = True) -> dict:
+  """Appends `cases` to the index in `directory`; returns a summary. `wait=False`: raise
+  `fileio.FolderBusy` at once when another writer holds the lock."""
   directory = os.fspath(directory)
-  with fileio.folder_lock(directory):
-    idx, manifest, rows = growth.open_current(directory)
-    clash = sorted(set(cases.source_id.tolist()) & set(rows["source_id"].tolist()))
-    if clash:
-      raise ValueError(f"source id(s) {clash[:5]} already in the index {directory}; remove them first "
+  with fileio.folder_lock(directory, wait):
+    return _append(directory, *growth.open_current(directory), cases, rebalance)
+
+
+def _check_new_sources(directory: str, rows: dict, source_ids) -> None:
+  clash = sorted(set(source_ids) & set(rows["source_id"].tolist()))
+  if clash:
+    raise SourceExists(f"source id(s) {clash[:5]} already in the index {directory}; remove them first "
                        "(`python -m histojax.index remove --source ID`) or rename the files")
-    start = time.perf_counter()
-    before = idx.size
-    idx = searcher.append(idx, cases.embeddings)
-    data, offsets, lengths = writer.encode_patches(cases.patches)
-    batch = f"patches/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.pngs"
-    m = len(cases.label)
-    rows = _concat_rows(rows, {"label": cases.label.astype(rows["label"].dtype), "source_id": cases.source_id,
-                               "coords": cases.coords.astype(rows["coords"].dtype),
-                               "dataset_row": np.full(m, -1, np.int64), "patch_file": np.full(m, batch),
-                               "patch_offset": offsets, "patch_bytes": lengths})
-    record = growth.growth_record(manifest)
-    record["changed_since_training"] += m
-    rebalanced = growth.maybe_rebalance(idx, record, rebalance, cases.embeddings)
-    sources = sorted(set(cases.source_id.tolist()))
-    growth.log_change(record, {"op": "add", "rows": m, "sources": sources, "rebalanced": rebalanced})
-    growth.write_generation(directory, idx, {**manifest, "growth": record}, rows, {batch: data})
-    return {"index": directory, "rows_before": before, "rows_added": m, "rows_after": idx.size,
-            "sources_added": len(sources), "rebalanced": rebalanced,
-            "probe_recall": record.get("last_probe_recall"),
-            "probe_recall_after_rebalance": record.get("probe_recall_after_rebalance") if rebalanced else None,
-            "seconds_write": round(time.perf_counter() - start, 3)}
 
 
-def remove(directory: str, source_ids: list[str], rebalance: bool = False) -> dict:
-  """Takes every row of `source_ids` out of the index in `directory`; returns a summary."""
+def _append(directory: str, idx, manifest: dict, rows: dict, cases: Cases, rebalance: bool,
+            new_class: str | None = None) -> dict:
+  """The next generation with `cases` appended (the caller holds the lock); `new_class` is
+  appended to the manifest's class names in the same generation."""
+  _check_new_sources(directory, rows, cases.source_id.tolist())
+  start = time.perf_counter()
+  before = idx.size
+  idx = searcher.append(idx, cases.embeddings)
+  data, offsets, lengths = writer.encode_patches(cases.patches)
+  batch = f"patches/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.pngs"
+  m = len(cases.label)
+  rows = _concat_rows(rows, {"label": cases.label.astype(rows["label"].dtype), "source_id": cases.source_id,
+                             "coords": cases.coords.astype(rows["coords"].dtype),
+                             "dataset_row": np.full(m, -1, np.int64), "patch_file": np.full(m, batch),
+                             "patch_offset": offsets, "patch_bytes": lengths})
+  record = growth.growth_record(manifest)
+  record["changed_since_training"] += m
+  rebalanced = growth.maybe_rebalance(idx, record, rebalance, cases.embeddings)
+  sources = sorted(set(cases.source_id.tolist()))
+  entry = {"op": "add", "rows": m, "sources": sources, "rebalanced": rebalanced}
+  if new_class is not None:
+    manifest = {**manifest, "class_names": list(manifest.get("class_names") or []) + [new_class]}
+    entry["new_class"] = new_class
+  growth.log_change(record, entry)
+  growth.write_generation(directory, idx, {**manifest, "growth": record}, rows, {batch: data})
+  return {"index": directory, "rows_before": before, "rows_added": m, "rows_after": idx.size,
+          "sources_added": len(sources), "rebalanced": rebalanced, "generation": record["generation"],
+          "probe_recall": record.get("last_probe_recall"),
+          "probe_recall_after_rebalance": record.get("probe_recall_after_rebalance") if rebalanced else None,
+          "seconds_write": round(time.perf_counter() - start, 3)}
+
+
+def remove(directory: str, source_ids: list[str], rebalance: bool = False, wait: bool = True) -> dict:
+  """Takes every row of `source_ids` out of the index in `directory`; returns a summary.
+  `wait=False`: raise `fileio.FolderBusy` at once when another writer holds the lock."""
   directory = os.fspath(directory)
-  with fileio.folder_lock(directory):
+  with fileio.folder_lock(directory, wait):
     idx, manifest, rows = growth.open_current(directory)
     known = set(rows["source_id"].tolist())
     missing = [s for s in source_ids if s not in known]
     if missing:
       some = ", ".join(sorted(known)[:5])
-      raise KeyError(f"no row of the index {directory} has source id(s) {missing}; its sources look like: {some}")
+      raise UnknownSource(f"no row of the index {directory} has source id(s) {missing}; its sources look like: "
+                          f"{some}")
     start = time.perf_counter()
     positions = np.flatnonzero(np.isin(rows["source_id"], list(source_ids)))
     before = idx.size
@@ -96,7 +135,8 @@ def remove(directory: str, source_ids: list[str], rebalance: bool = False) -> di
                                "rebalanced": rebalanced})
     growth.write_generation(directory, idx, {**manifest, "growth": record}, rows)
     return {"index": directory, "rows_before": before, "rows_removed": int(len(positions)), "rows_after": idx.size,
-            "rebalanced": rebalanced, "seconds_write": round(time.perf_counter() - start, 3)}
+            "rebalanced": rebalanced, "generation": record["generation"],
+            "seconds_write": round(time.perf_counter() - start, 3)}
 
 
 # --- New cases from image files ---------------------------------------------------------
@@ -114,23 +154,34 @@ def labelled_images(items: list[str], label: str | None, class_names: list[str])
 
 
 def cut_cases(images: list[tuple[str, int]], cut: Callable, embed: Callable, read: Callable) -> tuple[Cases, list[str]]:
-  """Cases of every image (cut as the gallery was, embedded by the index's model), and the
-  images that gave no tile (all background) as messages."""
-  parts, empty, seen = [], [], {}
+  """Cases of every image file (its source id: the file stem), and the images that gave no
+  tile (all background) as messages."""
+  named, seen = [], {}
   for path, label in images:
     source = os.path.splitext(os.path.basename(path))[0]
     if source in seen:
       raise ValueError(f"{path} and {seen[source]} would share the source id {source!r}; rename one")
     seen[source] = path
-    patches = cut(read(path))
+    named.append((source, label, path, path))
+  return cases_of(named, cut, embed, read)
+
+
+def cases_of(sources: list[tuple[str, int, object, str]], cut: Callable, embed: Callable,
+             read: Callable) -> tuple[Cases, list[str]]:
+  """Cases of (source id, label id, image or path, name for messages) items: each `read`,
+  cut as the gallery was and embedded by the index's model. Returns them and the sources
+  that gave no tile (all background) as messages; none at all raises `UnusableImage`."""
+  parts, empty = [], []
+  for source, label, item, name in sources:
+    patches = cut(read(item))
     if not len(patches.images):
-      empty.append(f"{path}: no tile passed the tissue filter ({patches.dropped} dropped); not added")
+      empty.append(f"{name}: no tile passed the tissue filter ({patches.dropped} dropped); not added")
       continue
     n = len(patches.images)
     parts.append((patches.images, np.full(n, label, np.int64), np.full(n, source),
                   np.asarray(patches.coords, np.int32).reshape(n, 2)))
   if not parts:
-    raise ValueError("no tile to add: " + "; ".join(empty) if empty else "no image given")
+    raise UnusableImage("no tile to add: " + "; ".join(empty) if empty else "no image given")
   patches = np.concatenate([p[0] for p in parts])
   cases = Cases(patches, np.asarray(embed(patches), np.float32), np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
@@ -148,3 +199,35 @@ def add_images(engine, directory: str, items: list[str], label: str | None = Non
   embedded = time.perf_counter() - start
   summary = add(directory, cases, rebalance)
   return {**summary, "images": len(labelled), "skipped": empty, "seconds_cut_embed": round(embedded, 3)}
+
+
+def add_upload(engine, directory: str, source_id: str, image: np.ndarray, label: str, new_class: bool = False,
+               rebalance: bool = False, wait: bool = False) -> dict:
+  """One decoded image (the service's POST /api/gallery) added as `source_id` with class
+  `label`, cut and embedded by `engine` (an open `query.QueryEngine` on this index).
+
+  Everything happens under the lock, taken without waiting by default (`fileio.FolderBusy`):
+  the label and id are checked against the generation on disk, the model against the
+  index's manifest, then the image is cut, embedded and appended. `new_class=True` lets a
+  label the index does not have become its next class (`UnknownClass` otherwise)."""
+  directory = os.fspath(directory)
+  with fileio.folder_lock(directory, wait):
+    idx, manifest, rows = growth.open_current(directory)
+    store.check_manifest(manifest, engine.model.expected_by(manifest), directory, "server's model")
+    classes = list(manifest.get("class_names") or [])
+    created = label not in classes
+    if created and not new_class:
+      raise UnknownClass(f"label {label!r} is not one of the index's classes {classes}; pass new_label=true to "
+                         "add it as a new class")
+    _check_new_sources(directory, rows, [source_id])
+    start = time.perf_counter()
+    label_id = len(classes) if created else classes.index(label)
+    try:
+      cases, _ = cases_of([(source_id, label_id, image, f"image for {source_id!r}")], engine.cut,
+                          engine.model.embed, read=lambda x: x)
+    except ValueError as e:  # smaller than the model input (the cut), or no tissue tile
+      raise UnusableImage(str(e)) from None
+    embedded = time.perf_counter() - start
+    summary = _append(directory, idx, manifest, rows, cases, rebalance, label if created else None)
+  return {**summary, "source_id": source_id, "label": label, "label_id": label_id, "new_class": created,
+          "seconds_cut_embed": round(embedded, 3)}

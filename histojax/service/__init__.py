@@ -9,7 +9,9 @@ record of both (the pieces `histojax.serve` is wired with; docs/serving-a-lab.md
   loopback rule for servers without authentication;
 - `audit`: the append-only JSON-lines log, rotated by size;
 - `limits`: per-user request rate and uploads in flight (429 with Retry-After);
-- `headers`: CSP, nosniff, Referrer-Policy, framing, CORS (closed unless configured).
+- `headers`: CSP, nosniff, Referrer-Policy, framing, CORS (closed unless configured);
+- `forms`: a multipart upload read under the size limit, and the JSON error answer;
+- `curate`: the curator's write routes (add, remove a case) through `indexing.curator`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("audit_backups", 5, "rotated audit files kept")
   flags.DEFINE_integer("rate_limit_per_min", 0, "API requests a minute per user (or address), 0: no limit; the page "
                        "fetches k thumbnails per search")
-  flags.DEFINE_integer("max_concurrent_uploads", 0, "uploads (searches) in flight per user, 0: no limit")
+  flags.DEFINE_integer("max_concurrent_uploads", 0, "uploads (searches, additions) in flight per user, 0: no limit")
   flags.DEFINE_list("cors_origins", [], "other origins whose pages may call the API with bearer tokens (default "
                     "none: CORS closed)")
 

@@ -6,7 +6,9 @@ Every line: `time` (UTC), `user`, `role`, `via` (token, session, proxy, none),
 forbidden, csrf, rate_limited, error). Route handlers add fields of their own
 through `note(request, ...)`: a search adds its query's SHA-256 and size, k,
 the generation it was answered from and the top answer; the curator routes
-(phase 2) add `source_ids` and the new `generation`. Nothing else reaches the
+add `source_ids` (and `label` and the upload's digest and size for an add),
+then, once written, the new `generation`, the rows added or removed and
+whether the searcher was retrained; a refused change keeps its source ids. Nothing else reaches the
 log: never a header, a cookie, a token or the image (the handler gets the
 digest, not the bytes), nor the uploaded file's name (it can name a patient).
 

@@ -23,10 +23,10 @@ never adds an Authorization header on its own.
 
 `Gate.guard(action, handler)` wraps a route: identify, rate limit, CSRF,
 role, the upload slot for uploads, then the handler, then one audit line
-whatever happened. A new route (phase 2: POST /api/gallery with action "add",
-DELETE /api/gallery/sources/{id} with "remove") is one `guard` call; its
-handler adds `source_ids` and `generation` to the audit line with
-`audit.note`.
+whatever happened. The curator routes (POST /api/gallery with action "add",
+DELETE /api/gallery/sources/{id} with "remove", histojax.service.curate) are
+one `guard` call each; their handlers add `source_ids` and `generation` to
+the audit line with `audit.note`.
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ class Gate:
     cookie, session = self.sessions.open(found.name, found.role, found.sha256)
     request.state.principal = Principal(found.name, found.role, "session", session.csrf)
     response = JSONResponse({"user": found.name, "role": found.role, "csrf_token": session.csrf,
-                             "expires": iso(session.expires)})
+                             "expires": iso(session.expires), "may": sorted(tokens.ALLOWED[found.role])})
     response.set_cookie(sessions.COOKIE, cookie, max_age=int(self.sessions.lifetime_s), path="/", httponly=True,
                         samesite="strict", secure=self.scheme(request) == "https")
     return response

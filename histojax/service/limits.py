@@ -8,7 +8,7 @@ default: on loopback without authentication everybody is one user).
   `per_minute / 60` a second; an empty bucket answers Retry-After = seconds
   until the next request would pass. The page loads k thumbnails per search,
   so count those when sizing it.
-- uploads: searches (later: gallery additions) whose body is being received,
+- uploads: searches and gallery additions whose body is being received,
   decoded or answered; one more than `max_concurrent` is refused at once with
   Retry-After: 1 rather than queued, so one user cannot fill the batcher.
 """

@@ -5,7 +5,9 @@
 
 // Okabe-Ito: told apart with the common colour-vision deficiencies; more classes get hues.
 const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8C6D00", "#000000"];
-const state = { info: null, answer: null, selected: null, shown: new Set(), objectUrl: null, session: null, csrf: null };
+const state = { info: null, answer: null, selected: null, shown: new Set(), objectUrl: null, session: null, csrf: null,
+  may: [], file: null };
+const NEW_LABEL = "\u0000new";  // the label menu's "new label" entry (no class name holds a NUL)
 const $ = (id) => document.getElementById(id);
 
 function colour(labelId) {
@@ -66,6 +68,7 @@ async function start() {
 
 function showLogin(message) {
   state.csrf = null;
+  showCuratorControls([]);
   $("app").hidden = true;
   $("account").hidden = true;
   $("login").hidden = false;
@@ -87,7 +90,19 @@ async function signedIn(who) {
   $("who").dataset.user = who.user || "";
   $("who").dataset.role = who.role || "";
   $("logout").hidden = who.via !== "session";
+  showCuratorControls(who.may || []);
   if (!state.info) await loadInfo();
+}
+
+function may(action) {
+  return state.may.includes(action);
+}
+
+function showCuratorControls(actions) {  // the server decides; this only spares readers controls they may not use
+  state.may = actions;
+  $("curate").hidden = !may("add");
+  $("remove-head").hidden = !may("remove");
+  if (state.answer) redraw();
 }
 
 async function signIn(event) {
@@ -126,7 +141,7 @@ async function loadInfo() {
   const info = state.info;
   $("index-info").textContent = `${info.rows.toLocaleString()} gallery patches of ${info.dataset} (${info.split}), `
     + `${info.class_names.length} classes, ${info.mode} search, model ${info.model?.name ?? "?"} `
-    + `(step ${info.checkpoint?.step ?? "?"})`;
+    + `(step ${info.checkpoint?.step ?? "?"}), generation ${info.growth?.generation ?? 0}`;
   if (!info.gallery_images.available) {
     $("gallery-warning").textContent = "Gallery pictures are not available, so results are shown without "
       + `them: ${info.gallery_images.reason}`;
@@ -134,6 +149,9 @@ async function loadInfo() {
   }
   info.class_names.forEach((_, i) => state.shown.add(i));
   drawFilter();
+  $("add-label").replaceChildren(...info.class_names.map((name) => el("option", { value: name }, name)),
+    el("option", { value: NEW_LABEL }, "New label…"));
+  showNewLabel();
 }
 
 function voteCounts() {  // tiles voting for each class
@@ -168,6 +186,7 @@ async function search(file) {
     state.objectUrl = URL.createObjectURL(file);
     for (const tile of answer.tiles) tile.vote = tileVote(tile.results);
     state.answer = answer;
+    state.file = file;
     state.selected = null;
     $("query-image").src = state.objectUrl;
     $("summary").hidden = false;
@@ -194,7 +213,8 @@ function tileVote(results) {  // majority of the tile's top k; a tie goes to the
 function drawAnswer() {
   const a = state.answer;
   $("query-line").textContent = `${a.query}: ${a.width}×${a.height} px, ${a.tiles_searched} tile(s) searched, `
-    + `${a.tiles_dropped} dropped as background`;
+    + `${a.tiles_dropped} dropped as background; gallery generation ${a.generation ?? "?"}`;
+  $("query-line").dataset.generation = a.generation ?? "";
   const vote = $("vote");
   if (a.vote) {
     vote.replaceChildren(el("span", { className: "chip", style: { "--c": colour(a.vote.label_id),
@@ -302,7 +322,9 @@ function redraw() {
   $("thumbs").replaceChildren(...shown.map((r) => el("figure", { className: "thumb", style: { "--c": colour(r.label_id) },
       dataset: { row: r.gallery_row, label: r.label } },
     // Rows added to the index carry their own picture even when the dataset is unreachable.
-    el("img", { src: `/api/gallery/${r.gallery_row}/image`, alt: `gallery patch ${r.gallery_row}, ${r.label}`,
+    // With the answer's generation: once a change renumbers the rows, the server refuses rather than show another case.
+    el("img", { src: `/api/gallery/${r.gallery_row}/image${a.generation === undefined ? "" : `?generation=${a.generation}`}`,
+      alt: `gallery patch ${r.gallery_row}, ${r.label}`,
       onerror: (e) => e.target.replaceWith(el("div", { className: "noimg" }, "picture unavailable")) }),
     el("figcaption", {}, el("div", { className: "label" }, r.label),
       el("div", { className: "meta" }, `score ${r.score.toFixed(3)}`),
@@ -312,19 +334,87 @@ function redraw() {
   $("sources").tBodies[0].replaceChildren(...sources.map((s) => el("tr", { dataset: { source: s.source_id } },
     el("td", { className: "num" }, String(s.rank)), el("td", {}, s.source_id),
     el("td", {}, el("span", { className: "chip", style: { "--c": colour(s.label_id), color: textOn(colour(s.label_id)) } }, s.label)),
-    el("td", { className: "num" }, s.score.toFixed(3)), el("td", { className: "num" }, String(s.tiles_matched)))));
+    el("td", { className: "num" }, s.score.toFixed(3)), el("td", { className: "num" }, String(s.tiles_matched)),
+    ...(may("remove") ? [el("td", {}, el("button", { type: "button", className: "remove-source",
+      dataset: { source: s.source_id }, "aria-label": `remove ${s.source_id} from the gallery`,
+      onclick: () => removeSource(s.source_id) }, "Remove"))] : []))));
+}
+
+// --- Curating (curators only: the server refuses everyone else) ----------------------
+
+function curateStatus(message, failed = false) {
+  const box = $("curate-status");
+  box.textContent = message;
+  box.className = failed ? "error" : "status-ok";
+  box.dataset.outcome = failed ? "refused" : "ok";
+  box.hidden = !message;
+}
+
+function showNewLabel() {
+  const fresh = $("add-label").value === NEW_LABEL;
+  $("add-new-label").hidden = !fresh;
+  $("add-new-label-title").hidden = !fresh;
+  $("add-new-label").required = fresh;
+}
+
+async function addCase(event) {
+  event.preventDefault();
+  const file = $("add-file").files[0];
+  const fresh = $("add-label").value === NEW_LABEL;
+  const form = new FormData();
+  form.append("image", file, file.name);
+  form.append("label", fresh ? $("add-new-label").value.trim() : $("add-label").value);
+  form.append("source_id", $("add-source").value.trim());
+  if (fresh) form.append("new_label", "true");
+  $("add-button").disabled = true;
+  curateStatus("");
+  try {
+    const response = await api("/api/gallery", { method: "POST", body: form });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || `adding failed (${response.status})`);
+    curateStatus(`Added ${answer.source_id} as ${answer.label}${answer.new_label ? " (a new class)" : ""}: `
+      + `${answer.rows_added} patches, gallery generation ${answer.generation}`
+      + `${answer.retrained ? " (the searcher was retrained)" : ""}.`);
+    $("add-form").reset();
+    await afterChange();
+  } catch (e) {
+    curateStatus(e.message, true);
+  } finally {
+    $("add-button").disabled = false;
+  }
+}
+
+async function removeSource(sourceId) {
+  if (!window.confirm(`Remove every patch of ${sourceId} from the gallery?`)) return;
+  try {
+    const response = await api(`/api/gallery/sources/${encodeURIComponent(sourceId)}`, { method: "DELETE" });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || `removing failed (${response.status})`);
+    curateStatus(`Removed ${answer.source_id}: ${answer.rows_removed} patches, gallery generation ${answer.generation}.`);
+    await afterChange();
+  } catch (e) {
+    curateStatus(e.message, true);
+  }
+}
+
+async function afterChange() {  // the gallery changed: its summary and classes, and the shown answer, again
+  await loadInfo();
+  if (state.file) await search(state.file);
 }
 
 // --- Wiring ------------------------------------------------------------------------
 
-$("file").addEventListener("change", (e) => { if (e.target.files.length) search(e.target.files[0]); });
+// The input is emptied after each pick, so picking the same file again (after the gallery changed) searches again.
+$("file").addEventListener("change", (e) => { if (e.target.files.length) { search(e.target.files[0]); e.target.value = ""; } });
 $("whole").addEventListener("click", () => { state.selected = null; redraw(); });
-$("k").addEventListener("change", () => { const f = $("file").files[0]; if (f) search(f); });
+$("k").addEventListener("change", () => { if (state.file) search(state.file); });
 const drop = $("drop");
 for (const type of ["dragenter", "dragover"]) drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
 for (const type of ["dragleave", "drop"]) drop.addEventListener(type, () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); if (e.dataTransfer.files.length) search(e.dataTransfer.files[0]); });
 window.addEventListener("resize", () => { if (state.answer) { fitImage(); drawTiles(); redraw(); } });
 $("login-form").addEventListener("submit", signIn);
+$("add-form").addEventListener("submit", addCase);
+$("add-label").addEventListener("change", showNewLabel);
 $("logout").addEventListener("click", signOut);
 start().catch((e) => showError(`cannot read /api/info: ${e.message}`));
