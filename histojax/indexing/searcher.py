@@ -14,7 +14,7 @@ that tier on, but it is off by default because on clustered embeddings (what
 a trained model produces: a few large class clusters) AH alone lets too many
 near-equal candidates compete for the re-ranking slots: at 100k x 128 with
 24 clusters AH + reorder reached recall@10 0.83 at 4.5k queries/s where tree
-+ AH reached 0.998 at 41k (512-d: 0.81 vs 0.99; bench/retrieval.py, README). AH's code length
++ AH reached 0.998 at 41k (512-d: 0.81 vs 0.99; bench/retrieval.py, docs/benchmarks.md). AH's code length
 matters as much: with 2 dims per block a 32-d gallery gets 64-bit codes and
 recall@10 fell to 0.79 at 100k rows, with 1 dim per block 0.999; hence
 `dims_per_block` 0 -> 1 below 128 dims, else 2 (256+ bit codes).
