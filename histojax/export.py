@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from histojax import fileio
+from histojax import fileio, models
 from histojax import mesh as mesh_lib
 from histojax import pq, untrusted
 from histojax import step as step_lib
@@ -133,7 +133,7 @@ def _stain_spec(spec, cfg) -> dict | None:
 def identity(config, split: str, step: int, fingerprint_: str) -> dict:
   """The fields an export is reused on, as they read back from JSON (tuples become lists)."""
   return json.loads(json.dumps({"dataset": config.dataset.name, "split": split, "step": step,
-                                "model": config.model.to_dict(), "image_size": config.input.image_size,
+                                "model": models.identity(config.model), "image_size": config.input.image_size,
                                 "tta": config.eval.get("tta", "none"), "fingerprint": fingerprint_}))
 
 

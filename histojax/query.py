@@ -86,7 +86,7 @@ class QueryModel:
     # JAX, Orbax and the model load only here, once the arguments were found valid.
     import jax  # noqa: PLC0415
 
-    from histojax import checkpoint, export  # noqa: PLC0415
+    from histojax import checkpoint, export, models  # noqa: PLC0415
     from histojax import config as config_lib  # noqa: PLC0415
     from histojax import step as step_lib  # noqa: PLC0415
 
@@ -103,7 +103,7 @@ class QueryModel:
     probe = jax.ShapeDtypeStruct((self._devices, self.image_size, self.image_size, 3), np.uint8)
     self.dim = int(jax.eval_shape(self._embed, self.state, probe).shape[1])
     self.identity = json.loads(json.dumps({
-        "step": self.step, "fingerprint": self.fingerprint, "model": self.config.model.to_dict(),
+        "step": self.step, "fingerprint": self.fingerprint, "model": models.identity(self.config.model),
         "image_size": self.image_size, "normalization": export.NORMALIZATION, "dim": self.dim}))
 
   def embed(self, patches: np.ndarray) -> np.ndarray:
