@@ -24,7 +24,7 @@ from etils import epath
 
 from histojax import checkpoint, datasets, distributed, export, fileio, metrics, monitor, pairs, report  # noqa: F401
 from histojax import config as config_lib
-from histojax import retrieval
+from histojax import health, retrieval
 from histojax.data import images, sources
 
 
@@ -80,6 +80,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
   labelled = len(class_names) > 1
   neighbors, scores = neighbours_stage(config, idx, gallery, query, k) if labelled else (None, None)
   results, decisions = metrics_stage(config, gallery, query, neighbors, class_names, scores)
+  results["health"] = health.evaluation_record(gallery.embeddings, gallery.manifest.get("spread"), neighbors, scores,
+                                               gallery.label, query.label, k)
+  health.warn(results["health"]["gallery"], f"gallery export {workdir / 'export' / config.dataset.gallery_split}")
   results.update(step=step, num_gallery=len(gallery.label), num_query=len(query.label),
                  num_query_images=int(len(np.unique(query.source_id))), index_mode=idx.mode,
                  dataset=config.dataset.name, gallery_split=config.dataset.gallery_split,

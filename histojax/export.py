@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from histojax import fileio, models
+from histojax import fileio, health, models
 from histojax import mesh as mesh_lib
 from histojax import pq, untrusted
 from histojax import step as step_lib
@@ -269,6 +269,7 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
   codebooks, metric = model_codebooks(trainer, state)
   codes = None if codebooks is None else pq.encode(embeddings, codebooks, metric)
   manifest = {**wanted, "count": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]), "normalized": True,
+              "spread": health.spread(embeddings),  # how widely the rows cover the sphere (histojax.health)
               "normalization": NORMALIZATION, "class_names": sources.class_names(config.dataset.name, config.dataset.data_dir),
               "tiling": dataset_tiling(config.dataset.name, config.dataset.data_dir, split),
               "pq": None if codebooks is None else {"num_books": int(codebooks.shape[0]),

@@ -38,7 +38,7 @@ import tempfile
 import numpy as np
 from etils import epath
 
-from histojax import fileio, pq, untrusted
+from histojax import fileio, health, pq, untrusted
 
 MODES = ("auto", "exact", "brute_force", "ah", "tree_ah", "adc")
 REORDER_DTYPES = ("float32", "bfloat16", "int8")
@@ -139,6 +139,7 @@ def build(gallery: np.ndarray | None, cfg, k: int = 10, codes: np.ndarray | None
   if gallery is None:
     raise ValueError(f"index mode {mode!r} needs float gallery embeddings")
   gallery = l2_normalize(gallery)
+  health.warn({"mean_norm": health.mean_norm(gallery), "dim": gallery.shape[1]}, f"index gallery of {n} rows")
   if mode == "exact":
     return Index(mode, gallery)
   return _build_scann(gallery, mode, cfg, k)
@@ -354,6 +355,7 @@ def load(directory: epath.PathLike) -> tuple[Index, dict]:
   else:
     searcher = _load_searcher(directory / "scann")
   _check_shapes(directory, manifest, gallery, codes)
+  health.warn(manifest.get("spread"), f"index {directory}")  # recorded at export; none in older manifests
   return Index(mode, gallery, searcher, codes, codebooks, dict(manifest.get("params", {})),
                manifest["count"], manifest["dim"]), manifest
 
