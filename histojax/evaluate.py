@@ -54,6 +54,7 @@ def metrics_stage(config, gallery: export.Export, query: export.Export, neighbor
     results = metrics.retrieval_metrics(neighbors, gallery.label, query.label, config.eval.ks, query.source_id,
                                         class_names)
     results.update(image_vote_variants(gallery, query, neighbors, scores, config.eval.ks))
+    results.update(metrics.thunder_metrics(metrics.neighbor_labels(neighbors, gallery.label), query.label, class_names))
     results.update(pairs.pair_metrics(gallery, query, config.seed))
   decisions = None
   task_pairs = dataset_pairs(config)

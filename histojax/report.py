@@ -313,6 +313,11 @@ def format_table(results: dict) -> str:
     lines.append(f"pairs: c-index {results['pair_c_index']:.4f} at threshold "
                  f"{'(all one side)' if threshold is None else f'{threshold:.3f}'}, "
                  f"concordance {results['pair_concordance']:.4f} ({results['num_pairs']} pairs)")
+  thunder = sorted({int(key.split("@")[1]) for key in results if key.startswith("thunder/accuracy@")})
+  if thunder:
+    lines.append("THUNDER k-NN (ties to the lowest class id), k=" + "/".join(map(str, thunder)) + ": " + "; ".join(
+        f"{name} " + " ".join(f"{results[f'thunder/{name}@{k}']:.4f}" for k in thunder)
+        for name in ("accuracy", "balanced_accuracy", "macro_f1")))
   if "health" in results:
     lines.append(health.summary(results["health"]))
   if "pair_task_held_out_c_index" in results:

@@ -34,6 +34,9 @@ def test_evaluate_writes_metrics_and_report(trained):
               "eta_total@1", "pair_c_index", "pair_concordance"):
     assert 0.0 <= written[key] <= 1.0, key
   assert written["eta_total@1"] == pytest.approx(written["eta_p@1"] * written["eta_w@1"])
+  for k in (1, 3, 5, 10):  # THUNDER's k-NN figures
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+      assert 0.0 <= written[f"thunder/{name}@{k}"] <= 1.0
   # The gallery's spread, as its export recorded it, and how the top-k scores read.
   spread = json.loads((workdir / "export" / "train" / "manifest.json").read_text())["spread"]
   assert written["health"]["gallery"] == spread and spread["rows"] == 48 and spread["dim"] == 32
