@@ -1,7 +1,9 @@
 """CGD on BACH: combination of multiple global descriptors (Jun et al., 2019).
 
 ResNet-50 without its last downsampling, SPoC + MAC + GeM descriptors each
-projected to 512 and L2-normalised, concatenated (1536-d); batch-hard
+standardised by batch statistics (model.head.descriptor_norm: without it the
+non-negative descriptors export a collapsed gallery, README), projected to 512
+and L2-normalised, concatenated (1536-d); batch-hard
 triplet loss (margin 0.1) plus temperature-scaled (0.5), label-smoothed (0.1)
 cross-entropy on an auxiliary classifier over the first descriptor.
 

@@ -179,6 +179,8 @@ def load(path: epath.PathLike) -> ml_collections.ConfigDict:
   raw = untrusted.read_json(path, "run config (config.json)")
   try:
     head = (raw["model"].get("head") or {}).get("name")
+    for field, value in models.LEGACY_HEAD_FIELDS.get(head, {}).items():
+      raw["model"]["head"].setdefault(field, value)  # written before the field: the value it was built with
     config = base_config(raw["model"]["name"], raw["objective"]["name"], head)
     config.update_from_flattened_dict(_flatten(raw))
   except (KeyError, TypeError, AttributeError, ValueError) as e:

@@ -24,7 +24,7 @@ from etils import epath
 
 from histojax import checkpoint, datasets, distributed, export, fileio, identity, metrics, monitor, pairs, report  # noqa: F401
 from histojax import config as config_lib
-from histojax import retrieval
+from histojax import health, retrieval
 from histojax.data import images, sources
 
 
@@ -54,6 +54,7 @@ def metrics_stage(config, gallery: export.Export, query: export.Export, neighbor
     results = metrics.retrieval_metrics(neighbors, gallery.label, query.label, config.eval.ks, query.source_id,
                                         class_names)
     results.update(image_vote_variants(gallery, query, neighbors, scores, config.eval.ks))
+    results.update(metrics.thunder_metrics(metrics.neighbor_labels(neighbors, gallery.label), query.label, class_names))
     results.update(pairs.pair_metrics(gallery, query, config.seed))
   decisions = None
   task_pairs = dataset_pairs(config)
@@ -80,6 +81,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, trainer
   labelled = len(class_names) > 1
   neighbors, scores = neighbours_stage(config, idx, gallery, query, k) if labelled else (None, None)
   results, decisions = metrics_stage(config, gallery, query, neighbors, class_names, scores)
+  results["health"] = health.evaluation_record(gallery.embeddings, gallery.manifest.get("spread"), neighbors, scores,
+                                               gallery.label, query.label, k)
+  health.warn(results["health"]["gallery"], f"gallery export {workdir / 'export' / config.dataset.gallery_split}")
   results.update(step=step, num_gallery=len(gallery.label), num_query=len(query.label),
                  num_query_images=int(len(np.unique(query.source_id))), index_mode=idx.mode,
                  dataset=config.dataset.name, gallery_split=config.dataset.gallery_split,

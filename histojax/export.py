@@ -28,7 +28,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from histojax import fileio, identity, pq, untrusted
+from histojax import fileio, health, identity, models, pq, untrusted
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
 from histojax.data import pipeline, sources, stain, tiling
@@ -105,7 +105,7 @@ def _stain_spec(spec, cfg) -> dict | None:
 def reuse_identity(config, split: str, step: int, fingerprint_: str) -> dict:
   """The fields an export is reused on, as they read back from JSON (tuples become lists)."""
   return json.loads(json.dumps({"dataset": config.dataset.name, "split": split, "step": step,
-                                "model": config.model.to_dict(), "image_size": config.input.image_size,
+                                "model": models.identity(config.model), "image_size": config.input.image_size,
                                 "tta": config.eval.get("tta", "none"), "fingerprint": fingerprint_}))
 
 
@@ -240,6 +240,7 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
   codebooks, metric = model_codebooks(trainer, state)
   codes = None if codebooks is None else pq.encode(embeddings, codebooks, metric)
   manifest = {**wanted, "count": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]), "normalized": True,
+              "spread": health.spread(embeddings),  # how widely the rows cover the sphere (histojax.health)
               "normalization": identity.normalization(config.model),
               "class_names": sources.class_names(config.dataset.name, config.dataset.data_dir),
               "tiling": dataset_tiling(config.dataset.name, config.dataset.data_dir, split),

@@ -384,6 +384,63 @@ def pair_c_index(similarity: np.ndarray, same: np.ndarray, threshold: float) -> 
   return float(np.mean(decided == np.asarray(same, bool)))
 
 
+# --- THUNDER's k-NN protocol ---------------------------------------------------
+# As MICS-Lab/thunder scores retrieval (tasks/image_retrieval.py `topk_retrieval`, metrics from
+# utils/downstream_metrics.py `compute_metrics`, i.e. sklearn): each query takes the labels of its
+# k most similar gallery rows and predicts `np.bincount(labels).argmax()`, so a tie goes to the
+# lowest class id in THUNDER's numbering, which for BACH is alphabetical (Benign 0, InSitu 1,
+# Invasive 2, Normal 3), not our builder's label order. Reported at k = 1, 3, 5, 10 as accuracy,
+# balanced accuracy and macro-F1 of those predictions.
+
+THUNDER_KS = (1, 3, 5, 10)
+
+
+def lowest_id_vote(retrieved: np.ndarray, k: int, order=None) -> np.ndarray:
+  """Per query, the label most frequent among its top k; ties to the label earliest in `order`
+  (label ids, lowest THUNDER id first; default ascending ids). -1 results do not vote; a query
+  with no result predicts -1."""
+  num = max(_num_labels(retrieved), 0 if order is None else len(order))
+  order = np.arange(num) if order is None else np.asarray(order, np.int64)
+  counts, _ = _vote_tallies(retrieved, k, num)
+  in_order = counts[:, order]
+  return np.where(in_order.max(1, initial=0) > 0, order[np.argmax(in_order, axis=1)], -1)
+
+
+def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
+  """Mean over the labels present in `truth` of their recall (sklearn's balanced_accuracy_score)."""
+  truth, predicted = np.asarray(truth), np.asarray(predicted)
+  return float(np.mean([np.mean(predicted[truth == c] == c) for c in np.unique(truth)]))
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+  """Mean over labels in `truth` or `predicted` (-1, no answer, excluded) of 2TP / (2TP + FP + FN)
+  (sklearn's f1_score(average="macro"): a label only ever predicted scores 0)."""
+  truth, predicted = np.asarray(truth), np.asarray(predicted)
+  labels = np.unique(np.concatenate([truth, predicted[predicted >= 0]]))
+  scores = []
+  for c in labels:
+    tp = np.sum((predicted == c) & (truth == c))
+    wrong = np.sum((predicted == c) != (truth == c))  # FP + FN
+    scores.append(2 * tp / (2 * tp + wrong))
+  return float(np.mean(scores))
+
+
+def thunder_metrics(retrieved: np.ndarray, query_labels: np.ndarray, class_names=None, ks=THUNDER_KS,
+                    order=None) -> dict:
+  """`thunder/{accuracy,balanced_accuracy,macro_f1}@k` of `lowest_id_vote` for each k in `ks`
+  that `retrieved` is deep enough for. Ties follow `order`, else the alphabetical order of
+  `class_names` (THUNDER's and torchvision ImageFolder's ids), else ascending label ids."""
+  if order is None and class_names is not None:
+    order = np.argsort(np.asarray(class_names, dtype=str), kind="stable")
+  out = {}
+  for k in (k for k in ks if k <= retrieved.shape[1]):
+    predicted = lowest_id_vote(retrieved, k, order)
+    out[f"thunder/accuracy@{k}"] = float(np.mean(predicted == query_labels))
+    out[f"thunder/balanced_accuracy@{k}"] = balanced_accuracy(query_labels, predicted)
+    out[f"thunder/macro_f1@{k}"] = macro_f1(query_labels, predicted)
+  return out
+
+
 # --- Everything at once -------------------------------------------------------
 
 FAMILIES = ("precision", "accuracy", "map", "majority_vote")

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from histojax import checkpoint, fileio, identity, indexing, metrics
+from histojax import checkpoint, fileio, identity, indexing, metrics, models
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
@@ -99,7 +99,7 @@ class QueryModel:
     probe = jax.ShapeDtypeStruct((self._devices, self.image_size, self.image_size, 3), np.uint8)
     self.dim = int(jax.eval_shape(self._embed, self.state, probe).shape[1])
     self.identity = json.loads(json.dumps({
-        "step": self.step, "fingerprint": self.fingerprint, "model": self.config.model.to_dict(),
+        "step": self.step, "fingerprint": self.fingerprint, "model": models.identity(self.config.model),
         "image_size": self.image_size, "normalization": identity.normalization(self.config.model), "dim": self.dim}))
 
   def expected_by(self, manifest: dict) -> dict:

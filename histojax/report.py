@@ -25,7 +25,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 from etils import epath
 
-from histojax import fileio, metrics
+from histojax import fileio, health, metrics
 
 CORRECT, WRONG, QUERY = (26, 152, 80), (215, 48, 39), (69, 117, 180)
 INK, PAPER, MUTED = (30, 30, 30), (255, 255, 255), (150, 150, 150)
@@ -238,10 +238,20 @@ td.what{{text-align:left;color:#777}} figure{{margin:16px 0}} img{{max-width:100
 {results.get('num_gallery')} gallery patches ({e(str(results.get('gallery_split')))}) of {e(str(results.get('dataset')))};
 index {e(str(results.get('index_mode')))}; own source image excluded: {results.get('exclude_same_source')}.</p>
 <table><tr><th>metric</th>{head}<th></th></tr>{body}</table>
+{_health_html(results.get("health"))}
 <h2>Pairs</h2><ul>{pairs or '<li>not computed</li>'}</ul>
 <h2>Per class</h2><table><tr><th>class</th>{''.join(f'<th>{e(c)}</th>' for c in columns)}</tr>{class_rows}</table>
 {figs}</body></html>
 """
+
+
+def _health_html(record: dict | None) -> str:
+  """The gallery's spread and how the scores read (histojax.health), flagged when collapsed."""
+  if not record:
+    return ""
+  collapsed = (record.get("gallery") or {}).get("collapsed")
+  style = " style='color:#b00020;font-weight:bold'" if collapsed else ""
+  return f"<h2>Embedding health</h2><p{style}>{html.escape(health.summary(record))}</p>"
 
 
 def write_report(eval_dir: epath.PathLike, results: dict, class_names: list[str],
@@ -303,6 +313,13 @@ def format_table(results: dict) -> str:
     lines.append(f"pairs: c-index {results['pair_c_index']:.4f} at threshold "
                  f"{'(all one side)' if threshold is None else f'{threshold:.3f}'}, "
                  f"concordance {results['pair_concordance']:.4f} ({results['num_pairs']} pairs)")
+  thunder = sorted({int(key.split("@")[1]) for key in results if key.startswith("thunder/accuracy@")})
+  if thunder:
+    lines.append("THUNDER k-NN (ties to the lowest class id), k=" + "/".join(map(str, thunder)) + ": " + "; ".join(
+        f"{name} " + " ".join(f"{results[f'thunder/{name}@{k}']:.4f}" for k in thunder)
+        for name in ("accuracy", "balanced_accuracy", "macro_f1")))
+  if "health" in results:
+    lines.append(health.summary(results["health"]))
   if "pair_task_held_out_c_index" in results:
     lines.append(f"pair task: c-index {results['pair_task_held_out_c_index']:.4f} held out on "
                  f"{results['pair_task_validation_pairs']} validation pairs; "

@@ -58,16 +58,17 @@ BACH_CONFIG = BachConfig(name="t32", patch_size=32, tissue_threshold=0.1, block_
                          split_fractions=(("train", 0.6), ("validation", 0.2), ("test", 0.2)))
 
 
-def bach_archive(root: pathlib.Path, per_class: int = 5, header: bool = False) -> pathlib.Path:
+def bach_archive(root: pathlib.Path, per_class: int = 5, header: bool = False, numbers=None) -> pathlib.Path:
   """ICIAR2018_BACH_Challenge/Photos/<Class>/<id>.<ext> + microscopy_ground_truth.csv.
 
   The CSV names every photo `.tif`, as the official file does, whatever the
   extension on disk. Photos are 64x96 with 32 px of glass: 4 tissue tiles, 2 glass.
+  Photo numbers 1..per_class in every class, or `numbers`.
   """
   photos = root / "ICIAR2018_BACH_Challenge" / "Photos"
   rows = ["filename,label"] if header else []
   for c, (class_name, (prefix, ext)) in enumerate(BACH_FILES.items()):
-    for i in range(1, per_class + 1):
+    for i in numbers or range(1, per_class + 1):
       save(photos / class_name / f"{prefix}{i:03d}{ext}", tissue(64, 96, seed=100 * c + i, glass=32))
       rows.append(f"{prefix}{i:03d}.tif,{class_name}")
   (photos / "microscopy_ground_truth.csv").write_text("\n".join(rows) + "\n")

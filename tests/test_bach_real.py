@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from histojax.data import sources
+from histojax.data import augment, sources
 from tests.conftest import BACH, NO_BACH
 from tfds_builders import common
 from tfds_builders.bach.bach_dataset_builder import CLASS_NAMES
@@ -70,3 +70,38 @@ def test_bach_from_the_real_photos(tmp_path):
                     "per_class": {c: int(n) for c, n in zip(CLASS_NAMES, np.bincount(m["label"], minlength=4))}}
             for split, m in meta.items()}
   print(f"\nbach/x10_256 from {BACH}: {seconds:.1f} s\n{json.dumps(report, indent=1)}")
+
+
+# Photos at the edges of THUNDER's ranges among ours (001-050 of each class), with the split
+# each must land in by hand from its published ranges (index = class * 100 + number - 1,
+# classes alphabetical): Benign 001-015 train, 016-025 validation, 026-041 train, 042- test ...
+THUNDER_EDGES = {"b015": "train", "b016": "validation", "b025": "validation", "b026": "train", "b041": "train",
+                 "b042": "test", "is010": "train", "is011": "validation", "is020": "validation", "is021": "train",
+                 "is039": "train", "is040": "test", "iv010": "validation", "iv011": "train", "iv040": "train",
+                 "iv041": "test", "n005": "train", "n006": "validation", "n015": "validation", "n016": "train",
+                 "n045": "train", "n046": "test"}
+
+
+@pytest.mark.skipif(BACH is None, reason=NO_BACH)
+def test_whole_photos_in_thunders_split_from_real_photos(tmp_path):
+  """bach/whole_224_thunder, the registered config, on 22 real photos at the edges of the ranges."""
+  photos = BACH / "ICIAR2018_BACH_Challenge" / "Photos"
+  with open(photos / "microscopy_ground_truth.csv") as f:
+    rows = [row for row in csv.reader(f) if row and row[0].rsplit(".", 1)[0] in THUNDER_EDGES]
+  subset = tmp_path / "raw" / "ICIAR2018_BACH_Challenge" / "Photos"
+  for name, label in rows:
+    (subset / label).mkdir(parents=True, exist_ok=True)
+    for path in (photos / label).glob(name.rsplit(".", 1)[0] + ".*"):
+      (subset / label / path.name).symlink_to(path)
+  (subset / "microscopy_ground_truth.csv").write_text("".join(f"{n},{lab}\n" for n, lab in rows))
+  assert len(rows) == len(THUNDER_EDGES)
+  b = tfds.builder("bach/whole_224_thunder", data_dir=str(tmp_path / "data"), file_format="array_record", workers=2)
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "raw")))
+  ds = tfds.data_source("bach/whole_224_thunder", data_dir=str(tmp_path / "data"))
+  meta = {split: sources.read_metadata(s) for split, s in ds.items()}
+  assert {sid: split for split, m in meta.items() for sid in m["source_id"]} == THUNDER_EDGES
+  # torchvision's Resize(224) of a 2048x1536 photo is 224x298 (short side 224, long int(2048 * 224 / 1536));
+  # the export's centre crop then takes columns 37-260, as CenterCrop(224) does (round((298 - 224) / 2)).
+  photo = ds["test"][0]["image"]
+  assert photo.shape == (224, 298, 3) and b.info.metadata["config"]["split_scheme"] == "thunder"
+  assert np.array_equal(augment.center_crop(photo, 224), photo[:, 37:261])

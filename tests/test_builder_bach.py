@@ -2,6 +2,7 @@
 archive builder shares: manual_dir errors, corrupt images, interrupted builds,
 process-parallel preparation, the prepare CLI."""
 
+import collections
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import tensorflow_datasets as tfds
 from histojax.data import sources
 from tests.archive_fixtures import BACH_CONFIG, BACH_FILES, bach_archive, build, metadata
 from tfds_builders import common
+from tfds_builders.bach import bach_dataset_builder as bach
 from tfds_builders.bach.bach_dataset_builder import CLASS_NAMES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,3 +229,71 @@ def test_prepare_cli_summary_and_errors(tmp_path):
                      "--data_dir", str(tmp_path / "data"))
   assert run.returncode == 1 and "has no examples" in run.stderr and "Traceback" not in run.stderr
   assert not sources.builder("bach", str(tmp_path / "data")).is_prepared()
+
+
+# eva's and THUNDER's BACH splits. Index = class * 100 + number - 1, classes alphabetical.
+EVA_PER_CLASS = {"train": {"Benign": 52, "InSitu": 70, "Invasive": 69, "Normal": 77},
+                 "validation": {"Benign": 48, "InSitu": 30, "Invasive": 31, "Normal": 23}}
+
+
+def _all_400(scheme):
+  return {(c, n): bach.published_split(scheme, c, n) for c in bach.PUBLISHED_CLASS_ORDER for n in range(1, 101)}
+
+
+def test_published_splits_of_the_400_photos():
+  eva, thunder = _all_400("eva"), _all_400("thunder")
+  assert collections.Counter(eva.values()) == {"train": 268, "validation": 132}
+  assert collections.Counter(thunder.values()) == {"train": 218, "validation": 50, "test": 132}
+  # Per class by hand from eva's ranges: Benign 0-40, 59, 90-99 train; 41-58, 60-89 validation ...
+  for split, per_class in EVA_PER_CLASS.items():
+    assert collections.Counter(c for (c, _), s in eva.items() if s == split) == per_class
+  # THUNDER cut eva's train into its train and validation, and tests on eva's validation.
+  assert {p for p, s in thunder.items() if s != "test"} == {p for p, s in eva.items() if s == "train"}
+  assert {p for p, s in thunder.items() if s == "test"} == {p for p, s in eva.items() if s == "validation"}
+  for ranges in bach.PUBLISHED_SPLITS.values():  # each scheme's ranges tile 0-399 once
+    covered = sorted(i for spans in ranges.values() for a, b in spans for i in range(a, b))
+    assert covered == list(range(400))
+  with pytest.raises(ValueError, match="outside 1-100"):
+    bach.published_split("eva", "Normal", 101)
+
+
+# Our 200 development photos are numbers 001-050 of each class; by hand from the ranges:
+DEV_EVA = {"Benign": ((1, 41), (42, 50)), "InSitu": ((1, 39), (40, 50)), "Invasive": ((1, 40), (41, 50)),
+           "Normal": ((1, 45), (46, 50))}  # (train, validation), inclusive
+DEV_THUNDER = {"Benign": {"train": [(1, 15), (26, 41)], "validation": [(16, 25)], "test": [(42, 50)]},
+               "InSitu": {"train": [(1, 10), (21, 39)], "validation": [(11, 20)], "test": [(40, 50)]},
+               "Invasive": {"train": [(11, 40)], "validation": [(1, 10)], "test": [(41, 50)]},
+               "Normal": {"train": [(1, 5), (16, 45)], "validation": [(6, 15)], "test": [(46, 50)]}}
+
+
+def dev_split(scheme: str, class_name: str, number: int) -> str:
+  if scheme == "eva":
+    train, _ = DEV_EVA[class_name]
+    return "train" if train[0] <= number <= train[1] else "validation"
+  return next(s for s, spans in DEV_THUNDER[class_name].items() if any(a <= number <= b for a, b in spans))
+
+
+def test_published_splits_of_the_development_photos():
+  for scheme, counts in (("eva", {"train": 165, "validation": 35}),
+                         ("thunder", {"train": 125, "validation": 40, "test": 35})):
+    ours = {(c, n): bach.published_split(scheme, c, n) for c in CLASS_NAMES for n in range(1, 51)}
+    assert ours == {(c, n): dev_split(scheme, c, n) for c in CLASS_NAMES for n in range(1, 51)}
+    assert collections.Counter(ours.values()) == counts
+
+
+def test_whole_photos_in_thunders_split(tmp_path):
+  numbers = (1, 10, 11, 16, 26, 42, 100)
+  bach_archive(tmp_path / "raw", numbers=numbers)
+  config = bach.BachConfig(name="t_whole", patch_size=0, image_size=(12, 16), split_scheme="thunder")
+  ds, b = build("bach", config, tmp_path / "raw", tmp_path / "data")
+  meta = metadata(ds)
+  for split, m in meta.items():
+    for source_id, label in zip(m["source_id"], m["label"]):
+      assert bach.published_split("thunder", CLASS_NAMES[label], int(source_id[-3:])) == split
+  assert sum(len(m["label"]) for m in meta.values()) == 4 * len(numbers)  # one example per photo
+  assert ds["test"][0]["image"].shape == (12, 16, 3)
+  assert b.info.metadata["config"]["split_scheme"] == "thunder"
+  # Photo 101 is in neither benchmark's listing: the build names it instead of guessing.
+  bach_archive(tmp_path / "raw101", numbers=(5, 101))
+  with pytest.raises(common.ManualDirError, match=r"photo number 101 is outside 1-100: .*split_scheme 'thunder'"):
+    build("bach", config, tmp_path / "raw101", tmp_path / "data101")

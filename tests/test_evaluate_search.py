@@ -34,6 +34,14 @@ def test_evaluate_writes_metrics_and_report(trained):
               "eta_total@1", "pair_c_index", "pair_concordance"):
     assert 0.0 <= written[key] <= 1.0, key
   assert written["eta_total@1"] == pytest.approx(written["eta_p@1"] * written["eta_w@1"])
+  for k in (1, 3, 5, 10):  # THUNDER's k-NN figures
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+      assert 0.0 <= written[f"thunder/{name}@{k}"] <= 1.0
+  # The gallery's spread, as its export recorded it, and how the top-k scores read.
+  spread = json.loads((workdir / "export" / "train" / "manifest.json").read_text())["spread"]
+  assert written["health"]["gallery"] == spread and spread["rows"] == 48 and spread["dim"] == 32
+  assert 0.0 <= spread["mean_norm"] <= 1.0 and 1.0 <= spread["effective_dim"] <= 32
+  assert written["health"]["scores"]["results"] == 48 * 10 and written["health"]["k"] == 10
   assert written["num_query_images"] == 12 and written["num_pairs"] == 96  # 48 queries x (same + other)
   assert sorted(written["per_class"]) == sorted(painter.CLASS_NAMES)
   with PIL.Image.open(workdir / "eval" / "retrieval_grid.png") as grid:
@@ -42,11 +50,13 @@ def test_evaluate_writes_metrics_and_report(trained):
     assert confusion.width > confusion.height  # two panels side by side
   page = (workdir / "eval" / "index.html").read_text()
   assert "confusion.png" in page and "retrieval_grid.png" in page and "eta_total" in page
+  assert "Embedding health" in page and "norm of mean" in page
   manifest = json.loads((workdir / "index" / "manifest.json").read_text())
   assert manifest["checkpoint"] == {"workdir": str(workdir.absolute()), "step": 4,
                                     "fingerprint": manifest["fingerprint"]}
   assert manifest["count"] == 48 and manifest["dim"] == 32 and manifest["split"] == "train"
   assert manifest["normalization"]["embedding"] == "l2" and manifest["class_names"][3] == "tumour"
+  assert manifest["spread"] == spread  # carried from the export into the index manifest
   rows = indexing.load_rows(workdir / "index")
   assert len(rows["label"]) == 48 and rows["coords"].shape == (48, 2)
   assert all(str(s).startswith(painter.CLASS_NAMES[c]) for s, c in zip(rows["source_id"], rows["label"]))

@@ -209,3 +209,63 @@ def test_rank_sources_pools_each_tiles_best_hit_by_source():
   np.testing.assert_allclose(pooled, [0.4, 0.2, 0.2])
   empty = M.rank_sources(np.full((2, 3), -1), np.full((2, 3), -np.inf), source, top=3)
   assert [len(x) for x in empty] == [0, 0, 0, 0]
+
+
+# THUNDER's k-NN protocol, on BACH's labels: ours are Normal 0, Benign 1, InSitu 2, Invasive 3;
+# THUNDER numbers the classes alphabetically (Benign 0, InSitu 1, Invasive 2, Normal 3) and
+# breaks ties to its lowest id.
+BACH_NAMES = ["Normal", "Benign", "InSitu", "Invasive"]
+T_RETRIEVED = np.array([[0, 1, 1, 0],     # k=4: Normal 2, Benign 2 -> Benign (THUNDER 0 < 3)
+                        [1, 1, 2, 2],
+                        [3, 2, 3, 2],     # k=4: InSitu (1) beats Invasive (2)
+                        [3, 0, 0, 3],     # k=4: Invasive (2) beats Normal (3)
+                        [0, 3, -1, -1],   # two results: k=3 ties Normal/Invasive -> Invasive
+                        [2, 0, 3, 2]])    # k=3: a three-way tie -> InSitu
+T_TRUTH = np.array([0, 1, 2, 3, 3, 1])
+
+
+def test_thunder_vote_breaks_ties_to_its_lowest_class_id():
+  order = [1, 2, 3, 0]  # our ids in THUNDER's order
+  assert M.lowest_id_vote(T_RETRIEVED, 1, order).tolist() == [0, 1, 3, 3, 0, 2]
+  assert M.lowest_id_vote(T_RETRIEVED, 3, order).tolist() == [1, 1, 3, 0, 3, 2]
+  assert M.lowest_id_vote(T_RETRIEVED, 4, order).tolist() == [1, 1, 2, 3, 3, 2]
+  # Our own vote gives a tie to the closest result (q0 -> Normal), plain ids to the lowest id.
+  assert M.majority_vote(T_RETRIEVED, 4)[0] == 0 and M.lowest_id_vote(T_RETRIEVED, 4)[0] == 0
+  assert M.lowest_id_vote(np.array([[-1, -1]]), 2).tolist() == [-1]
+
+
+def test_thunder_metrics_by_hand():
+  got = M.thunder_metrics(T_RETRIEVED, T_TRUTH, BACH_NAMES, ks=(1, 3, 4, 10))
+  assert "thunder/accuracy@10" not in got  # deeper than the results
+  # k=1: predicted 0 1 3 3 0 2.  Recall per true class: Normal 1, Benign 1/2, InSitu 0, Invasive 1/2.
+  # F1 = 2TP / (2TP + FP + FN): Normal 2/3, Benign 2/3, InSitu 0, Invasive 2/4.
+  assert got["thunder/accuracy@1"] == pytest.approx(3 / 6)
+  assert got["thunder/balanced_accuracy@1"] == pytest.approx((1 + 1 / 2 + 0 + 1 / 2) / 4)
+  assert got["thunder/macro_f1@1"] == pytest.approx((2 / 3 + 2 / 3 + 0 + 1 / 2) / 4)
+  # k=3: predicted 1 1 3 0 3 2: recalls 0, 1/2, 0, 1/2; F1 0, 1/2, 0, 1/2.
+  assert got["thunder/accuracy@3"] == pytest.approx(2 / 6)
+  assert got["thunder/balanced_accuracy@3"] == pytest.approx(1 / 4)
+  assert got["thunder/macro_f1@3"] == pytest.approx(1 / 4)
+  # k=4: predicted 1 1 2 3 3 2: recalls 0, 1/2, 1, 1; F1 0 (never predicted), 1/2, 2/3, 1.
+  assert got["thunder/accuracy@4"] == pytest.approx(4 / 6)
+  assert got["thunder/balanced_accuracy@4"] == pytest.approx(2.5 / 4)
+  assert got["thunder/macro_f1@4"] == pytest.approx((0 + 1 / 2 + 2 / 3 + 1) / 4)
+
+
+def test_thunder_vote_is_thunders_bincount_argmax():
+  # A transcription of THUNDER's topk_retrieval vote on its own ids, on random ranked lists.
+  rng = np.random.default_rng(0)
+  retrieved = rng.integers(0, 4, (500, 10))
+  to_thunder = np.array([3, 0, 1, 2])  # ours -> THUNDER's (alphabetical) id
+  for k in M.THUNDER_KS:
+    theirs = [int(np.bincount(to_thunder[row[:k]]).argmax()) for row in retrieved]
+    ours = to_thunder[M.lowest_id_vote(retrieved, k, [1, 2, 3, 0])]
+    assert ours.tolist() == theirs
+
+
+def test_macro_f1_and_balanced_accuracy_edge_cases():
+  # A label only predicted counts in macro-F1 with 0 but not in balanced accuracy (sklearn's rules);
+  # -1 (no answer) is wrong for its query but no label of its own.
+  truth, predicted = np.array([0, 0, 1]), np.array([0, 2, -1])
+  assert M.balanced_accuracy(truth, predicted) == pytest.approx((1 / 2 + 0) / 2)
+  assert M.macro_f1(truth, predicted) == pytest.approx((2 / 3 + 0 + 0) / 3)

@@ -1,5 +1,7 @@
 """The model zoo: published parameter counts, forward shapes and dtypes, heads, config errors."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,6 +172,44 @@ def test_cgd_learnable_gem_p_receives_a_gradient():
   fmap = jax.random.uniform(jax.random.key(0), (2, 3, 3, 8))
   grads = nnx.grad(lambda h: jnp.sum(h(fmap)[:, 0]))(head)
   assert float(jnp.abs(grads.gem_p[...])) > 0
+
+
+def test_cgd_descriptor_norm_centres_non_negative_features():
+  # Pooled ReLU features share one large mean (here every value in [1, 2]): a bias-free FC maps
+  # every image near one direction; standardising each descriptor first spreads them.
+  rng = np.random.default_rng(0)
+  fmap = jnp.asarray(1.0 + rng.random((64, 3, 3, 16)), jnp.float32)
+  spread = lambda e: float(np.linalg.norm(np.asarray(e).mean(0)))
+  plain = heads.CGDHead(16, 12, descriptors="SMG", descriptor_norm="none", rngs=nnx.Rngs(0))
+  centred = heads.CGDHead(16, 12, descriptors="SMG", descriptor_norm="batch_norm", rngs=nnx.Rngs(0))
+  assert spread(plain(fmap)) > 0.95
+  assert spread(centred(fmap)) < 0.3  # train mode: the batch's statistics
+  # Eval mode uses the running statistics: set to this batch's, the embedding is the same.
+  for kind, norm in zip(centred.descriptors, centred.norms):
+    g = centred.pool(kind, fmap)
+    norm.mean[...], norm.var[...] = jnp.mean(g, 0), jnp.var(g, 0)
+  train_mode = centred(fmap)
+  centred.eval()
+  # (Flax takes the batch variance as E[x^2] - E[x]^2: float32 rounding, hence the tolerance.)
+  np.testing.assert_allclose(np.asarray(centred(fmap)), np.asarray(train_mode), atol=5e-4)
+  # "none" is the original head, parameter for parameter (its checkpoints restore as they were).
+  assert plain.norms is None and "norms" not in nnx.state(plain)
+  assert set(nnx.state(centred, nnx.Param).keys()) == set(nnx.state(plain, nnx.Param).keys())
+  with pytest.raises(ValueError, match="descriptor_norm must be one of"):
+    heads.CGDHead(16, 12, descriptor_norm="layer", rngs=nnx.Rngs(0))
+
+
+def test_cgd_configs_written_before_descriptor_norm_keep_the_original_head(tmp_path):
+  config = base_config(model="resnet", objective="cgd", head="cgd")
+  assert config.model.head.descriptor_norm == "batch_norm"  # new runs centre
+  assert models.identity(config.model)["head"]["descriptor_norm"] == "batch_norm"
+  raw = json.loads(config.to_json_best_effort())
+  del raw["model"]["head"]["descriptor_norm"]  # as every run before the field wrote it
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  old = config_lib.load(tmp_path / "config.json")
+  assert old.model.head.descriptor_norm == "none"
+  # ... and its identity is what its exports and indexes recorded, so they still match.
+  assert models.identity(old.model) == raw["model"]
 
 
 def test_last_stride_one_keeps_stage4_resolution():

@@ -38,7 +38,7 @@ import math
 import numpy as np
 import scann
 
-from histojax import pq
+from histojax import health, pq
 
 MODES = ("auto", "exact", "brute_force", "ah", "tree_ah", "adc")
 REORDER_DTYPES = ("float32", "bfloat16", "int8")
@@ -139,6 +139,7 @@ def build(gallery: np.ndarray | None, cfg, k: int = 10, codes: np.ndarray | None
   if gallery is None:
     raise ValueError(f"index mode {mode!r} needs float gallery embeddings")
   gallery = l2_normalize(gallery)
+  health.warn({"mean_norm": health.mean_norm(gallery), "dim": gallery.shape[1]}, f"index gallery of {n} rows")
   if mode == "exact":
     return Index(mode, gallery)
   return _build_scann(gallery, mode, cfg, k)

@@ -23,7 +23,7 @@ import numpy as np
 import scann
 from etils import epath
 
-from histojax import fileio, untrusted
+from histojax import fileio, health, untrusted
 from histojax.indexing.searcher import Index
 
 FORMAT_VERSION = 2  # written by `writer`; read here
@@ -83,6 +83,7 @@ def load(directory: epath.PathLike) -> tuple[Index, dict]:
   else:
     searcher = _load_searcher(directory / "scann")
   _check_shapes(directory, manifest, gallery, codes)
+  health.warn(manifest.get("spread"), f"index {directory}")  # recorded at export; none in older manifests
   return Index(mode, gallery, searcher, codes, codebooks, dict(manifest.get("params", {})),
                manifest["count"], manifest["dim"]), manifest
 

@@ -62,11 +62,12 @@ def _linear_head(cfg, in_features, dtype, rngs):
 
 
 @HEADS.register("cgd", defaults=lambda: ml_collections.ConfigDict(dict(
-    descriptors="SMG", gem_p=3.0, gem_learnable=False, num_classes=0)))
+    descriptors="SMG", gem_p=3.0, gem_learnable=False, num_classes=0, descriptor_norm="batch_norm")))
 def _cgd_head(cfg, in_features, dtype, rngs):
   h = cfg.head
   return heads.CGDHead(in_features, cfg.embed_dim, descriptors=h.descriptors, gem_p=h.gem_p,
-                       gem_learnable=h.gem_learnable, num_classes=h.num_classes, dtype=dtype, rngs=rngs)
+                       gem_learnable=h.gem_learnable, num_classes=h.num_classes,
+                       descriptor_norm=h.descriptor_norm, dtype=dtype, rngs=rngs)
 
 
 @HEADS.register("byol", defaults=lambda: ml_collections.ConfigDict(dict(
@@ -160,6 +161,22 @@ for _name, _dims in TIMM_PRESETS.items():
 
 
 # --- Entry points -------------------------------------------------------------
+
+# Head fields added after checkpoints were written, with the value that rebuilds those checkpoints:
+# `config.load` gives a run config written before the field that value, and `identity` leaves the
+# field out while it holds it, so the exports and indexes of those runs still match their model.
+LEGACY_HEAD_FIELDS = {"cgd": {"descriptor_norm": "none"}}
+
+
+def identity(cfg: ml_collections.ConfigDict) -> dict:
+  """The model config as export and index manifests record it (`LEGACY_HEAD_FIELDS`)."""
+  out = cfg.to_dict()
+  head = out.get("head") or {}
+  for field, value in LEGACY_HEAD_FIELDS.get(head.get("name"), {}).items():
+    if head.get(field) == value:
+      del head[field]
+  return out
+
 
 def model_config(name: str, head: str | None = None) -> ml_collections.ConfigDict:
   """Default config of model `name`, with head `head` instead of its default one."""

@@ -13,6 +13,12 @@ accuracy (measured: photo vote 0.74 on it against 0.34 on other patients'
 photos); it stays for comparison only. Every tile of a photo stays in its
 photo's split. The official files are `.tif`; `.tiff/.jpg/.jpeg/.png` copies
 are accepted and matched to the CSV by file stem.
+
+The community's published splits are `split_scheme="eva"` and `"thunder"`
+(`PUBLISHED_SPLITS`), and configs `whole_224_eva` / `whole_224_thunder` store
+every photo whole as those benchmarks embed it (Resize to 224 on the short
+side, then the export's centre crop to 224), so a frozen encoder is scored on
+the same photos with the same input as their leaderboards.
 """
 
 from __future__ import annotations
@@ -29,13 +35,51 @@ CLASS_NAMES = ("Normal", "Benign", "InSitu", "Invasive")
 GROUND_TRUTH = "microscopy_ground_truth.csv"
 
 
-SPLIT_SCHEMES = ("blocks", "photos")
+# Published splits of the 400 training photos, as ranges [start, stop) of the photo index
+# class * 100 + number - 1, classes in alphabetical order (torchvision ImageFolder's order, which
+# both benchmarks use; not CLASS_NAMES' order). The ranges follow patients (THUNDER checks its
+# splits against BACH's patient table).
+# eva: kaiko-ai/eva src/eva/vision/data/datasets/classification/bach.py (train 268, val 132).
+# THUNDER: MICS-Lab/thunder src/thunder/datasets/dataset/bach.py: eva's train cut into train 218
+# and val 50; eva's val is THUNDER's test (132).
+PUBLISHED_CLASS_ORDER = ("Benign", "InSitu", "Invasive", "Normal")
+_EVA_VALIDATION = ((41, 59), (60, 90), (139, 169), (240, 258), (260, 273), (345, 368))
+PUBLISHED_SPLITS = {
+    "eva": {"train": ((0, 41), (59, 60), (90, 139), (169, 240), (258, 260), (273, 345), (368, 400)),
+            "validation": _EVA_VALIDATION},
+    "thunder": {"train": ((0, 15), (25, 41), (59, 60), (90, 110), (120, 139), (169, 200), (210, 240), (258, 260),
+                          (273, 305), (315, 345), (368, 380), (390, 400)),
+                "validation": ((15, 25), (110, 120), (200, 210), (305, 315), (380, 390)),
+                "test": _EVA_VALIDATION},
+}
+PHOTOS_PER_CLASS = 100
+SPLIT_SCHEMES = ("blocks", "photos", *PUBLISHED_SPLITS)
+# torchvision's Resize(224) of a 2048 x 1536 photo: short side 224, long side int(2048 * 224 / 1536).
+WHOLE_224 = (224, 298)
+
+
+def published_index(class_name: str, number: int) -> int:
+  """The photo's index in eva's and THUNDER's listing: class * 100 + number - 1 (alphabetical classes)."""
+  if not 1 <= number <= PHOTOS_PER_CLASS:
+    raise ValueError(f"photo number {number} is outside 1-{PHOTOS_PER_CLASS}: the published splits cover the "
+                     f"{PHOTOS_PER_CLASS} training photos of each class")
+  return PUBLISHED_CLASS_ORDER.index(class_name) * PHOTOS_PER_CLASS + number - 1
+
+
+def published_split(scheme: str, class_name: str, number: int) -> str:
+  """The split `scheme` ("eva" or "thunder") puts photo `number` of `class_name` in."""
+  index = published_index(class_name, number)
+  for split, ranges in PUBLISHED_SPLITS[scheme].items():
+    if any(start <= index < stop for start, stop in ranges):
+      return split
+  raise AssertionError(f"{scheme} ranges miss index {index}")  # the ranges tile 0-399 (tested)
 
 
 @dataclasses.dataclass
 class BachConfig(common.SplitConfig):
   mpp: float | None = 0.42  # the photos' published resolution (ICIAR 2018 BACH)
-  split_scheme: str = "blocks"  # "blocks": patient-aware, by photo number; "photos": random per photo
+  split_scheme: str = "blocks"  # "blocks": patient-aware, by photo number; "photos": random per photo;
+  # "eva" / "thunder": the benchmarks' published ranges (PUBLISHED_SPLITS; split_fractions unused)
   block_size: int = 5  # photos per block: 50 per class -> 10 blocks -> 7/1/2; 100 -> 20 -> 14/2/4
 
 
@@ -82,6 +126,12 @@ class Builder(common.TiledBuilder):
       BachConfig(name="x5_64_reinhard", description="x5_64 with every photo's L*a*b* statistics (over its "
                  "stained pixels) matched to one reference before tiling (Reinhard; search does the same to "
                  "queries).", patch_size=64, resize=0.25, tissue_threshold=0.1, stain="reinhard"),
+      BachConfig(name="whole_224_eva", description="Whole photos as eva embeds them: resized to 224 on the "
+                 "short side (224x298, bicubic), centre-cropped to 224 by the export; eva's split (train 268, "
+                 "validation 132 photos).", patch_size=0, image_size=WHOLE_224, split_scheme="eva"),
+      BachConfig(name="whole_224_thunder", description="Whole photos resized to 224 on the short side "
+                 "(224x298, bicubic), centre-cropped to 224 by the export; THUNDER's split (train 218, "
+                 "validation 50, test 132 photos).", patch_size=0, image_size=WHOLE_224, split_scheme="thunder"),
       BachConfig(name="x10_256_photos", description="x10_256 split 70/10/20 per photo at random, stratified "
                  "by class: leaks patients across splits; for comparison only.", patch_size=256, resize=0.5,
                  tissue_threshold=0.1, split_scheme="photos"),
@@ -112,12 +162,15 @@ class Builder(common.TiledBuilder):
     cfg = self.builder_config
     if cfg.split_scheme == "photos":
       return common.stratified_split(labels, cfg.split_fractions, cfg.split_seed)
-    if cfg.split_scheme != "blocks":
+    if cfg.split_scheme not in SPLIT_SCHEMES:
       raise ValueError(f"{self.name}/{cfg.name}: split_scheme must be one of {SPLIT_SCHEMES}, got {cfg.split_scheme!r}")
     try:
       photos = {stem: (label, common.photo_number(stem)) for stem, label in labels.items()}
+      if cfg.split_scheme in PUBLISHED_SPLITS:
+        return {stem: published_split(cfg.split_scheme, CLASS_NAMES[label], number)
+                for stem, (label, number) in photos.items()}
     except ValueError as e:
-      raise self.layout_error(str(e)) from e
+      raise self.layout_error(f"{e} (split_scheme {cfg.split_scheme!r})") from e
     return common.block_split(photos, cfg.split_fractions, cfg.block_size)
 
   def _photos_dir(self, manual_dir: epath.Path) -> epath.Path:
