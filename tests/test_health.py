@@ -5,7 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from histojax import health, index
+from histojax import health, indexing
+from histojax.indexing import writer
 
 
 def test_identical_rows_are_fully_collapsed():
@@ -76,12 +77,12 @@ def test_index_build_and_load_warn_on_a_collapsed_gallery(tmp_path):
   rng = np.random.default_rng(3)
   cone = np.concatenate([np.ones((50, 1)), 0.01 * rng.standard_normal((50, 7))], 1)
   with pytest.warns(health.CollapsedEmbeddingWarning, match="index gallery of 50 rows"):
-    idx = index.build(cone, {"mode": "exact"})
-  index.save(idx, tmp_path / "cone", {"spread": health.spread(cone)})
+    idx = indexing.build(cone, {"mode": "exact"})
+  writer.save(idx, tmp_path / "cone", {"spread": health.spread(cone)})
   with pytest.warns(health.CollapsedEmbeddingWarning, match=f"index {tmp_path / 'cone'}: collapsed"):
-    index.load(tmp_path / "cone")
+    indexing.load(tmp_path / "cone")
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # a healthy gallery, and an old manifest without a record, are quiet
-    healthy = index.build(rng.standard_normal((50, 8)), {"mode": "exact"})
-    index.save(healthy, tmp_path / "healthy", {})
-    index.load(tmp_path / "healthy")
+    healthy = indexing.build(rng.standard_normal((50, 8)), {"mode": "exact"})
+    writer.save(healthy, tmp_path / "healthy", {})
+    indexing.load(tmp_path / "healthy")
