@@ -137,7 +137,10 @@ _READER = textwrap.dedent("""
       result["control"] = "fitted"
     except MemoryError:
       result["control"] = "MemoryError"
-    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The peak of this process's own memory map. Not ru_maxrss: Linux keeps that across exec, so it
+    # would report the forking parent's size (a pytest session of several GB).
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    result["maxrss_mb"] = int(hwm.split()[1]) / 1024
     print(json.dumps(result))
 """)
 
