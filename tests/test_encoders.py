@@ -6,8 +6,14 @@ tests/encoder_fixtures.py, written as a hub folder, converted by the real
 what timm 1.0.31 / transformers 5.25 computed from the same tensors
 (tests/fixtures/make_encoder_parity.py), including an input whose patch grid
 differs from the stored one, so that position resampling is compared too.
+`test_preset_matches_live_torch` recomputes those references where torch, timm
+and transformers import (skipped otherwise; CI never installs them), e.g. with
+the fixture script's environment on the path:
+    PYTHONPATH=.:/path/to/torch-timm-transformers-site python -m pytest tests/test_encoders.py -k live
+The bf16 figures are recorded by `python -m bench.encoder_parity`.
 """
 
+import importlib.util
 import os
 
 import jax
@@ -81,6 +87,25 @@ def test_preset_reproduces_its_reference_implementation(converted, name):
   assert manifest["backbone_parameters"] + unused == int(PARITY[f"{name}.parameters"])
   assert manifest["preset"] == name and manifest["feature"] == preset.feature
   assert manifest["gallery_mpp"] == preset.gallery_mpp and manifest["input"]["norm"] == preset.input_norm
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_preset_matches_live_torch(converted, name):
+  """The committed features, recomputed by the fixture script where torch, timm and transformers are installed."""
+  for module in ("torch", "timm", "transformers"):
+    pytest.importorskip(module)
+  spec = importlib.util.spec_from_file_location(  # tests/fixtures is not a package; imported only here (optional)
+      "make_encoder_parity", os.path.join(os.path.dirname(__file__), "fixtures", "make_encoder_parity.py"))
+  live = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(live)
+  reference = {}
+  live.record(presets.get(name), reference)
+  weights_dir, manifest = converted(name)
+  features, state = embedder(manifest, weights_dir)
+  native, other = fx.images(presets.get(name))
+  assert cosine(features(state, native), reference[f"{name}.native"]).min() >= MIN_COSINE
+  if f"{name}.other" in reference:
+    assert cosine(features(state, other), reference[f"{name}.other"]).min() >= MIN_COSINE
 
 
 @pytest.mark.parametrize("name,feature", [(p, f) for p in presets.names() for f in presets.get(p).features])

@@ -58,6 +58,9 @@ def test_timm_folder_converts_with_the_card_kwargs_and_records_the_preset(tmp_pa
   assert manifest["input"] == {"size": 224, "resize": 224, "norm": "imagenet"}
   assert manifest["sources"]["backbone.reg_token"] == "reg_token" and not manifest["left_at_init"]
   assert manifest["source_sha256"] == manifest["source_files"]["model.safetensors"]
+  cls_only = convert.convert("timm", str(tmp_path / "hub"), str(tmp_path / "w_cls"), preset="virchow2",
+                             feature="token")
+  assert cls_only["feature"] == cls_only["model"]["pool"] == "token"
 
 
 def test_transformers_folder_fuses_query_key_value_in_order(tmp_path):
