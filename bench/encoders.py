@@ -33,7 +33,13 @@ _TORCH_CLASSES = {"timm.layers.SwiGLUPacked": ("timm.layers", "SwiGLUPacked"), "
 
 
 def _peak_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """This process's own peak RSS. Not ru_maxrss: it survives fork + exec, so a worker would report the
+  parent's resident weights; VmHWM belongs to the address space exec made."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _time(embed, batch, steps) -> float:
