@@ -51,7 +51,7 @@ def _time(embed, batch, steps) -> float:
 
 
 def histojax_worker(args, spec) -> dict:
-  import jax  # noqa: PLC0415  (late: XLA_FLAGS for the thread count are set by the parent)
+  import jax  # noqa: PLC0415  (late: the parent process never loads a backend)
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
@@ -132,8 +132,8 @@ def _spec(name: str) -> dict:
 
 def run_worker(framework: str, python: str, name: str, hub: str, weights: str, args) -> dict:
   cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:args.threads])
-  env = dict(os.environ, PYTHONPATH=os.getcwd(),
-             XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}")
+  # Both workers are pinned to the same `threads` cores (taskset); torch also sizes its pool to them.
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
   cmd = ["taskset", "-c", cores, python, "-m", "bench.encoders", "--worker", framework, "--presets", name, "--hub",
          hub, "--weights", weights, "--batch", str(args.batch), "--steps", str(args.steps), "--threads",
          str(args.threads), "--dtype", args.dtype, "--spec", json.dumps(_spec(name))]
