@@ -67,11 +67,18 @@ def target_config(fmt: weights.Format, tensors: dict, model: str = ""):
   return cfg, fields
 
 
-def preset_config(fmt: weights.Format, preset: str, config: dict, tensors: dict, feature: str = ""):
-  """The preset's model config with the architecture fields the folder's config.json gives."""
+def check_preset(fmt: weights.Format, preset: str, feature: str = "") -> presets.Preset:
+  """The preset, if it exists, is published in `fmt` and offers `feature` (checked before any reading)."""
   spec = presets.get(preset)
   if spec.format != fmt.name:
     raise ValueError(f"preset {preset!r} is published as a {spec.format} folder: use --format {spec.format}")
+  spec.model_fields(feature or None)
+  return spec
+
+
+def preset_config(fmt: weights.Format, preset: str, config: dict, tensors: dict, feature: str = ""):
+  """The preset's model config with the architecture fields the folder's config.json gives."""
+  spec = check_preset(fmt, preset, feature)
   fields = fmt.configure(spec, config, tensors)
   cfg = models.model_config(preset)
   cfg.update(fields)
@@ -98,7 +105,7 @@ def convert(format_name: str, input_path: str, output: str, *, model: str = "", 
     if not preset:
       raise ValueError(f"--format {format_name} reads a hub folder and needs --preset, one of: "
                        f"{', '.join(n for n in presets.names() if presets.get(n).format == format_name)}")
-    presets.get(preset)  # an unknown name fails here, before any reading
+    check_preset(fmt, preset, feature)
     config = hub.read_config(input_path)
     tensors, files = hub.read_weights(input_path, checkpoint_bound(format_name, preset, max_checkpoint_gb))
     cfg, fields = preset_config(fmt, preset, config, tensors, feature)
