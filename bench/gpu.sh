@@ -55,3 +55,11 @@ fi
 timeout 200 "$PY" -m bench.input_pipeline --configs "$PIPELINE_CONFIG" --workers "$WORKERS" --batches 40 \
   --decode "$DECODE" --consumption_steps 10 --out "$OUT/input_pipeline.json" 2>&1 | tee "$OUT/input_pipeline.log" \
   | grep -v "^W0000\|^I0000"
+# 3. bench.encoders: the giant foundation-model presets (ViT-H/14 and ViT-g, too slow for the CPU) at full depth,
+#    histojax against timm / transformers on the same GPU, bf16, at 224 px (needs timm and transformers beside torch;
+#    ~5 GB of random weights per ViT-g preset are written to /tmp and converted first).
+ENCODERS=${ENCODERS:-1}
+ENC_PRESETS=${ENC_PRESETS:-uni2_h,virchow,virchow2,h_optimus_0,h_optimus_1,prov_gigapath,midnight}
+[ "$ENCODERS" = 0 ] || timeout 2400 "$PY" -m bench.encoders --presets "$ENC_PRESETS" --dtype bfloat16 \
+  --batch "${ENC_BATCH:-64}" --steps "${ENC_STEPS:-10}" --threads "$(nproc)" --out "$OUT/encoders.json" 2>&1 \
+  | tee "$OUT/encoders.log" | grep -v "^W0000\|^I0000"

@@ -16,6 +16,10 @@ INPUT_NORMS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision, timm, UNI
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # OpenAI CLIP, open_clip
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # timm's augreg ViTs: [-1, 1]
+    # Pathology foundation models (models.presets), from their model cards / TRIDENT's constants.
+    "kaiko": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # kaiko.ai's ViTs and Midnight
+    "h_optimus": ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),  # H-optimus-0/1
+    "hibou": ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816)),  # Hibou-B/L preprocessor_config.json
 }
 IMAGENET_MEAN = tuple(255 * m for m in INPUT_NORMS["imagenet"][0])
 IMAGENET_STD = tuple(255 * s for s in INPUT_NORMS["imagenet"][1])

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from histojax.models import abe, heads, mixed_attention, resnet, vit
+from histojax.models import abe, heads, mixed_attention, presets, resnet, vit
 from histojax.models.embedder import Embedder
 from histojax.registry import Registry
 
@@ -158,6 +158,21 @@ for _name, _dims in CLIP_PRESETS.items():
   MODELS.register(_name, defaults=_clip_defaults(*_dims))(_build_clip_vit)
 for _name, _dims in TIMM_PRESETS.items():
   MODELS.register(_name, defaults=_timm_defaults(*_dims))(_build_timm_vit)
+
+
+# --- Published pathology foundation models (models.presets), by their own names ---
+
+def _build_foundation_vit(cfg, rngs):
+  backbone = vit.VisionTransformer(
+      width=cfg.width, layers=cfg.layers, heads=cfg.heads, patch=cfg.patch, image_size=cfg.image_size,
+      mlp_dim=cfg.mlp_dim, mlp=cfg.mlp, act=cfg.act, ln_eps=cfg.ln_eps, patch_bias=cfg.patch_bias, pre_norm=False,
+      layer_scale=cfg.layer_scale, reg_tokens=cfg.reg_tokens, pos_embed=cfg.pos_embed, pool=cfg.pool,
+      resample=cfg.resample, dtype=compute_dtype(cfg), rngs=rngs)
+  return _embedder(cfg, backbone, rngs)
+
+
+for _name in presets.names():
+  MODELS.register(_name, defaults=lambda n=_name: _config(**presets.get(n).model_fields()))(_build_foundation_vit)
 
 
 # --- Entry points -------------------------------------------------------------

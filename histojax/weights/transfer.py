@@ -55,7 +55,7 @@ LEAF_RULES = {
     nnx.BatchNorm: {"weight": ("scale", same), "bias": ("bias", same), "running_mean": ("mean", same),
                     "running_var": ("var", same)},
     nnx.LayerNorm: {"weight": ("scale", same), "bias": ("bias", same)},
-    vit.LayerScale: {"gamma": ("gamma", same)},
+    vit.LayerScale: {"gamma": ("gamma", same)},  # timm's ls1.gamma (transformers' lambda1 renamed to it)
     # torch.nn.MultiheadAttention's fused projection (CLIP): the same q|k|v order as timm's qkv.
     vit.Attention: {"in_proj_weight": ("qkv.kernel", linear_kernel), "in_proj_bias": ("qkv.bias", same)},
 }
@@ -71,6 +71,8 @@ class Format:
   special: tuple[tuple[str, Callable], ...] = ()  # (regex on the renamed key, fn(value, model_shape))
   scope: Callable[[dict], tuple[dict, dict]] | None = None  # -> (tensors, ignored {key: reason})
   infer: Callable[[dict], dict] | None = None  # architecture fields read off the shapes
+  # Hub-folder formats: (preset, config.json, tensors) -> architecture fields; the folder says, the preset completes.
+  configure: Callable[..., dict] | None = None
 
   def select(self, tensors: dict) -> tuple[dict, dict]:
     return self.scope(tensors) if self.scope else (dict(tensors), {})
