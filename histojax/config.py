@@ -88,7 +88,7 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
   c.eval.tta = "none"  # none | d8: embed the mean over the 8 flips/rotations (gallery and queries alike)
   # While training: every this many steps a cheap retrieval score (histojax/evaluators.py) goes to
   # TensorBoard and train_metrics.jsonl as during/precision@k, during/map@k, during/majority_vote@k.
-  # 0: off. Never at step 0, nor at the last step when `at_end` evaluates everything there.
+  # 0: off. Never at step 0, nor at the last step when `at_end` scores the same query split there.
   c.eval.every_steps = 0
   c.eval.during = ml_collections.ConfigDict()
   c.eval.during.gallery_rows = 2048  # rows of dataset.gallery_split, drawn once from config.seed

@@ -146,12 +146,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def is_due(step: int, every_steps: int, total_steps: int, at_end: bool) -> bool:
-  """Every `every_steps` steps; never at step 0, nor at the last step when the full
-  evaluation (`at_end`) scores that very state a moment later on every row."""
+def is_due(step: int, every_steps: int, total_steps: int, skip_last: bool) -> bool:
+  """Every `every_steps` steps; never at step 0, nor at the last step with `skip_last`."""
   if every_steps <= 0 or step <= 0 or step % every_steps:
     return False
-  return not (at_end and step == total_steps)
+  return not (skip_last and step == total_steps)
 
 
 class RetrievalEvaluator:
@@ -182,9 +181,15 @@ class DuringTraining:
   def __init__(self, config: ml_collections.ConfigDict, trainer: step_lib.Trainer):
     start = time.perf_counter()
     cfg, data, inp = config.eval, config.dataset, config.input
-    self._when = (cfg.every_steps, config.total_steps, cfg.at_end)
     mesh_lib.local_batch_size(inp.eval_batch_size, trainer.mesh, "input.eval_batch_size")
+    if len(sources.class_names(data.name, data.data_dir)) < 2:
+      raise ValueError(f"eval.every_steps={cfg.every_steps}: {data.name!r} has one class (unlabelled), so "
+                       "there is no retrieval to score while training; set eval.every_steps=0")
     query_split = cfg.during.query_split or data.query_split
+    # The last step is left to the full evaluation when that scores the same queries a moment
+    # later on every row; when it scores other ones (test, while these are validation), the
+    # curve gets its last point here.
+    self._when = (cfg.every_steps, config.total_steps, cfg.at_end and query_split == data.query_split)
     gallery = _subsample(data, data.gallery_split, cfg.during.gallery_rows, config.seed, GALLERY, inp)
     query = _subsample(data, query_split, cfg.during.query_rows, config.seed, QUERY, inp,
                        "eval.during.query_split" if cfg.during.query_split else "dataset.query_split")

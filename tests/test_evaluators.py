@@ -99,15 +99,15 @@ def test_exclusion_keys_follow_the_final_evaluation():
   assert evaluators.exclusion_keys(gallery, _sub("test", [4], ["q"]), False) is None
 
 
-def _due(every, total, at_end):
-  return [s for s in range(0, total + 1) if evaluators.is_due(s, every, total, at_end)]
+def _due(every, total, skip_last):
+  return [s for s in range(0, total + 1) if evaluators.is_due(s, every, total, skip_last)]
 
 
 def test_due_steps():
-  assert _due(2, 6, at_end=True) == [2, 4]  # the full evaluation scores step 6
-  assert _due(2, 6, at_end=False) == [2, 4, 6]
-  assert _due(4, 6, at_end=True) == [4]
-  assert _due(0, 6, at_end=False) == []
+  assert _due(2, 6, skip_last=True) == [2, 4]  # the full evaluation scores step 6
+  assert _due(2, 6, skip_last=False) == [2, 4, 6]
+  assert _due(4, 6, skip_last=True) == [4]
+  assert _due(0, 6, skip_last=False) == []
 
 
 def test_rows_are_drawn_once_from_the_seed(tiny_data_dir):
@@ -127,6 +127,17 @@ def test_rows_are_drawn_once_from_the_seed(tiny_data_dir):
   assert not np.array_equal(other.gallery.rows, first.gallery.rows)
   config.eval.every_steps = 0
   assert evaluators.from_config(config, trainer) is None
+
+
+def test_last_step_is_left_to_the_full_evaluation_of_the_same_queries(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)  # 4 steps, evaluation at the end on the test split
+  config.eval.every_steps = 2
+  trainer, _ = step_lib.abstract_trainer(config, mesh_lib.make_mesh(config.mesh))
+  assert [s for s in range(5) if evaluators.from_config(config, trainer).due(s)] == [2]
+  config.eval.during.query_split = "train"  # queries the final evaluation does not score
+  assert [s for s in range(5) if evaluators.from_config(config, trainer).due(s)] == [2, 4]
+  config.eval.during.query_split, config.eval.at_end = "", False
+  assert [s for s in range(5) if evaluators.from_config(config, trainer).due(s)] == [2, 4]
 
 
 def test_choose_rows():
@@ -158,4 +169,14 @@ def test_a_missing_query_split_names_the_field(tiny_data_dir):
   config.eval.during.query_split = "validation"  # synthetic_tissue has train and test only
   trainer, _ = step_lib.abstract_trainer(config, mesh_lib.make_mesh(config.mesh))
   with pytest.raises(ValueError, match=r"eval.during.query_split='validation': .*has no split 'validation'"):
+    evaluators.from_config(config, trainer)
+
+
+def test_an_unlabelled_dataset_is_refused(tiny_data_dir, monkeypatch):
+  """pair_query's patches carry one class: P@k would be 1 whatever the model does."""
+  config = tiny_config(tiny_data_dir)
+  config.eval.every_steps = 2
+  trainer, _ = step_lib.abstract_trainer(config, mesh_lib.make_mesh(config.mesh))
+  monkeypatch.setattr(evaluators.sources, "class_names", lambda name, data_dir="": ["patch"])
+  with pytest.raises(ValueError, match="eval.every_steps=2: 'synthetic_tissue/tiny' has one class"):
     evaluators.from_config(config, trainer)
