@@ -83,9 +83,6 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
 
   c.eval = ml_collections.ConfigDict()
   c.eval.at_end = True
-  c.eval.ks = (1, 5, 10)
-  c.eval.exclude_same_source = True  # a query is never answered by its own source image
-  c.eval.tta = "none"  # none | d8: embed the mean over the 8 flips/rotations (gallery and queries alike)
   # While training: every this many steps a cheap retrieval score (histojax/evaluators.py) goes to
   # TensorBoard and train_metrics.jsonl as during/precision@k, during/map@k, during/majority_vote@k.
   # 0: off. Never at step 0, nor at the last step when `at_end` scores the same query split there.
@@ -94,6 +91,9 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
   c.eval.during.gallery_rows = 2048  # rows of dataset.gallery_split, drawn once from config.seed
   c.eval.during.query_rows = 256  # rows of the query split below, drawn likewise
   c.eval.during.query_split = ""  # "" -> dataset.query_split; held-out runs name "validation"
+  c.eval.ks = (1, 5, 10)
+  c.eval.exclude_same_source = True  # a query is never answered by its own source image
+  c.eval.tta = "none"  # none | d8: embed the mean over the 8 flips/rotations (gallery and queries alike)
   c.eval.index = ml_collections.ConfigDict()  # fields and defaults: histojax.index.IndexConfig
   c.eval.index.mode = "auto"  # auto | exact | brute_force | ah | tree_ah | adc (PQ codes)
   c.eval.index.brute_force_below = 20_000  # auto: brute force below this many gallery rows
@@ -135,10 +135,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   objectives.OBJECTIVES.get(config.objective.name)
   from histojax import index  # noqa: PLC0415  (index knobs fail here, before training, not at eval)
   index.IndexConfig.from_config(config.eval.index)
-  _validate_during(config.eval)
   if config.eval.tta not in ("none", "d8"):  # step.TTA_MODES; step imports config, not the other way round
     raise ValueError(f"eval.tta must be 'none' or 'd8', got {config.eval.tta!r}")
   sharding.compile_rules(config.mesh)
+  _validate_during(config.eval)
 
 
 def _validate_during(eval_config: ml_collections.ConfigDict) -> None:

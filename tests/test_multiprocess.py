@@ -14,9 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from histojax import checkpoint, evaluate, evaluators, export, train
+from histojax import checkpoint, evaluate, export, train
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
+from histojax import evaluators
 from tests import multiprocess
 from tests.conftest import tiny_config
 
