@@ -41,7 +41,7 @@ def run(config: str, tmp: str, fresh_data: bool) -> dict:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
   with open(os.path.join(workdir, "eval", "metrics.json")) as f:
     metrics = json.load(f)
-  rows = _logged(os.path.join(workdir, "train_metrics.jsonl"))
+  rows = [r for r in _logged(os.path.join(workdir, "train_metrics.jsonl")) if "loss" in r]  # not during/ rows
   rates = [r["steps_per_sec"] for r in rows[1:]]
   return {"config": config, "command": " ".join(cmd[1:]), "fresh_data": fresh_data, "wall_seconds": round(wall, 1),
           "steps_per_sec": round(sum(rates) / len(rates), 2) if rates else None,

@@ -40,6 +40,7 @@ def get_config(arg=None):
     c.dataset.name = "bach/x5_64"
     c.input.image_size, c.input.crop_scale_min = 64, 0.64
     c.total_steps, c.optimizer.warmup_steps, c.checkpoint.every_steps = 450, 50, 150
+    c.eval.every_steps = 225  # validation at half-way and at the end: ~2.5% of the run (scaled from bach_dml:cpu)
     c.augment.view1 = colour.view_defaults(jitter_prob=0.8, brightness=0.2, contrast=0.2, saturation=0.1,
                                            hue=0.02, hed_prob=0.5, hed_scale=0.05, grayscale_prob=0.0)
     # Gallery and queries embedded as the mean over the 8 flips/rotations: on the validation

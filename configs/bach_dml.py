@@ -13,7 +13,8 @@ Variants (comma-separated, e.g. `configs/bach_dml.py:cpu,loss=abe`):
   loss=multi_similarity|contrastive|triplet|abe   the reference loss and its baselines (abe
                                                   implies the ABE-M model)
   backbone=mixed_attention|se_resnet|resnet       the reference model and its baselines
-  cpu         BACH at 10x (256 px tiles), ResNet-18-sized trunk at 112 px: 18.7 min on 2 cores (measured, 1500 steps)
+  cpu         BACH at 10x (256 px tiles), ResNet-18-sized trunk at 112 px: 18.7 min on 2 cores (measured, 1500 steps);
+              validation retrieval logged every 250 steps as during/* (2.3% of the run, measured)
   quickstart  the synthetic smoke data at quickstart size (~1 min)
   tiny        seconds; used by tests
 """

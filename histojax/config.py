@@ -90,6 +90,14 @@ def base_config(model: str = "resnet", objective: str = "multi_similarity",
 
   c.eval = ml_collections.ConfigDict()
   c.eval.at_end = True
+  # While training: every this many steps a cheap retrieval score (histojax/evaluators.py) goes to
+  # TensorBoard and train_metrics.jsonl as during/precision@k, during/map@k, during/majority_vote@k.
+  # 0: off. Never at step 0, nor at the last step when `at_end` scores the same query split there.
+  c.eval.every_steps = 0
+  c.eval.during = ml_collections.ConfigDict()
+  c.eval.during.gallery_rows = 2048  # rows of dataset.gallery_split, drawn once from config.seed
+  c.eval.during.query_rows = 256  # rows of the query split below, drawn likewise
+  c.eval.during.query_split = ""  # "" -> dataset.query_split; held-out runs name "validation"
   c.eval.ks = (1, 5, 10)
   c.eval.exclude_same_source = True  # a query is never answered by its own source image
   c.eval.tta = "none"  # none | d8: embed the mean over the 8 flips/rotations (gallery and queries alike)
@@ -128,6 +136,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.tta not in ("none", "d8"):  # step.TTA_MODES; step imports config, not the other way round
     raise ValueError(f"eval.tta must be 'none' or 'd8', got {config.eval.tta!r}")
   sharding.compile_rules(config.mesh)
+  _validate_during(config.eval)
+
+
+def _validate_during(eval_config: ml_collections.ConfigDict) -> None:
+  if not isinstance(eval_config.every_steps, int) or eval_config.every_steps < 0:
+    raise ValueError(f"eval.every_steps must be 0 (off) or a positive number of steps, got {eval_config.every_steps!r}")
+  for field in ("gallery_rows", "query_rows"):
+    if eval_config.during[field] < 1:
+      raise ValueError(f"eval.during.{field} must be at least 1, got {eval_config.during[field]}")
 
 
 def _validate_finetune(ft: ml_collections.ConfigDict) -> None:

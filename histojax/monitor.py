@@ -1,12 +1,14 @@
 """What a person watching a run sees: a progress bar and TensorBoard scalars.
 
 Scalars also go, one JSON object per logged step, to
-`<workdir>/train_metrics.jsonl`, readable without TensorBoard. Only process 0
-draws the bar and writes; the others stay quiet.
+`<workdir>/train_metrics.jsonl`, readable without TensorBoard; an evaluation
+during training (`histojax.evaluators`) adds a row of its own at its step.
+Only process 0 draws the bar and writes; the others stay quiet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -87,20 +89,33 @@ class Monitor:
   def advance(self, step: int) -> None:
     self._bar.update(step - self._bar.n)
 
-  def log(self, step: int, scalars: dict) -> None:
-    """Writes scalars; adds steps/s measured since the previous call."""
-    last_step, last_time = self._last
-    now = time.perf_counter()
+  def log(self, step: int, scalars: dict, rate: bool = True) -> None:
+    """Writes scalars; with `rate`, adds steps/s measured since the previous such call."""
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    if step > last_step:
-      scalars["steps_per_sec"] = (step - last_step) / (now - last_time)
-    self._last = (step, now)
+    if rate:
+      last_step, last_time = self._last
+      now = time.perf_counter()
+      if step > last_step:
+        scalars["steps_per_sec"] = (step - last_step) / (now - last_time)
+      self._last = (step, now)
     if not self.enabled:
       return
     for name, value in scalars.items():
       self._writer.add_scalar(name, value, step)
     self._jsonl.append({"step": step, **scalars})
-    self._bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
+    if "loss" in scalars:
+      self._bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside is left out of steps/s, which then counts training alone
+    (big_vision's chrono pauses alike around its evaluators)."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      step, last_time = self._last
+      self._last = (step, last_time + time.perf_counter() - start)
 
   def close(self) -> None:
     self._bar.close()

@@ -22,7 +22,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from histojax import checkpoint, datasets, distributed, evaluate, preemption, report  # noqa: F401  (datasets: registers the builders)
+from histojax import checkpoint, datasets, distributed, evaluate, evaluators, preemption, report  # noqa: F401  (datasets: registers the builders)
 from histojax import config as config_lib
 from histojax import mesh as mesh_lib
 from histojax import monitor as monitor_lib
@@ -82,6 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   compiled = step_lib.jit_train_step(trainer, state).lower(
       state, step_lib.batch_spec(config, views), jax.eval_shape(lambda: rng)).compile()
   monitor_lib.info(step_lib.compile_report(compiled))
+  during = evaluators.from_config(config, trainer)  # None unless eval.every_steps
 
   # --- Loop: a SIGTERM ends it after the current step, with a checkpoint -----
   last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
@@ -99,6 +100,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       if preempted:
         last = step
         break
+      if during is not None and during.due(step):
+        with mon.paused():  # steps/s counts training only
+          mon.log(step, during.run(state), rate=False)
     mon.close()
     mngr.wait_until_finished()  # the preemption checkpoint is on disk before we exit
     mngr.close()

@@ -12,10 +12,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from histojax import checkpoint, evaluate, identity, train
 from histojax import mesh as mesh_lib
 from histojax import step as step_lib
+from histojax import evaluators
 from tests import multiprocess
 from tests.conftest import tiny_config
 
@@ -186,7 +188,8 @@ def test_two_processes_fsdp_evaluate_like_one(tmp_path, tiny_data_dir):
   equals the one a single process computes from the same checkpoint, which
   therefore reuses the export and index the 2-process job wrote and scores them alike.
   """
-  overrides = {**EQUAL, "eval.at_end": True, "mesh.fsdp": 2, "mesh.fsdp_min_size": 0}
+  overrides = {**EQUAL, "eval.at_end": True, "mesh.fsdp": 2, "mesh.fsdp_min_size": 0,
+               "eval.every_steps": 2, "eval.during.gallery_rows": 20, "eval.during.query_rows": 10}
   workdir = tmp_path / "2x4"
   job = multiprocess.launch(multiprocess.train_command(workdir, tiny_data_dir, overrides),
                             num_processes=2, devices_per_process=4, log_dir=tmp_path / "logs")
@@ -204,3 +207,14 @@ def test_two_processes_fsdp_evaluate_like_one(tmp_path, tiny_data_dir):
   one = evaluate.evaluate(config, workdir)
   assert (workdir / "index" / "manifest.json").stat().st_mtime_ns == index_written  # reused, not rebuilt
   assert one == two and two["num_query"] > 0 and 0.0 <= two["map@10"] <= 1.0
+
+  # Evaluation during training: both processes embedded their halves of every batch with the
+  # weights split across them; process 0 logged step 2 (step 4 is the full evaluation's), and
+  # one process scoring the same rows with step 2's weights, replicated, gets the same numbers.
+  during = [row for row in multiprocess.logged_steps(workdir) if "during/seconds" in row]
+  assert [row["step"] for row in during] == [2]
+  trainer, state, _ = checkpoint.restore_for_eval(config, workdir, step=2)
+  alone = evaluators.from_config(config, trainer).run(state)
+  scores = lambda row: {k: v for k, v in row.items() if "@" in k}  # noqa: E731
+  assert len(scores(alone)) == 3 * len(config.eval.ks)
+  assert scores(alone) == pytest.approx(scores(during[0]), abs=1e-9)

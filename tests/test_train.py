@@ -42,6 +42,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, tiny_data_dir):
   config.total_steps = 6
   config.checkpoint.every_steps = 100  # only the forced saves at stops
   config.eval.at_end = False
+  config.eval.every_steps = 2  # evaluation during training: the same rows before and after the stop
+  config.eval.during.gallery_rows, config.eval.during.query_rows = 20, 10  # of 48 and 48: a real draw
 
   train.train_and_evaluate(config, tmp_path / "straight")
   assert train.train_and_evaluate(config, tmp_path / "resumed", stop_at=3) == {}
@@ -54,6 +56,23 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, tiny_data_dir):
   assert int(straight[1]["step"]) == 6
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+  scored = {run: _during_rows(tmp_path / run) for run in ("straight", "resumed")}
+  assert [row["step"] for row in scored["straight"]] == [2, 4, 6]  # at_end off: the last step too
+  for row in scored["straight"]:
+    assert {f"during/{m}@{k}" for m in ("precision", "map", "majority_vote") for k in config.eval.ks} <= set(row)
+    assert all(0.0 <= v <= 1.0 for name, v in row.items() if name.startswith("during/") and "@" in name), row
+  # Step 2 was scored before the stop at 3, steps 4 and 6 after it: equal numbers, so the same rows.
+  assert scored["resumed"] == scored["straight"]
+
+
+def _during_rows(workdir):
+  """The evaluation-during-training rows of train_metrics.jsonl, without their (varying) seconds."""
+  rows = [json.loads(line) for line in (workdir / "train_metrics.jsonl").read_text().splitlines()]
+  for row in rows:
+    assert ("loss" in row) != ("during/seconds" in row), row  # a training row or an evaluation row
+    assert ("steps_per_sec" in row) == ("loss" in row), row  # the rate is training's alone
+  return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows if "during/seconds" in row]
 
 
 def test_quickstart_tiny_end_to_end(tmp_path, tiny_data_dir, capsys):
