@@ -41,7 +41,7 @@ from histojax import mesh as mesh_lib
 from histojax import metrics, monitor
 from histojax import step as step_lib
 from histojax.data import augment, images, pipeline, sources
-from histojax.index import exact_search
+from histojax.indexing import exact_search
 
 PREFIX = "during/"
 GALLERY, QUERY = 0, 1  # stream ids for drawing rows: the two draws differ even from one split
