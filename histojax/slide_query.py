@@ -2,8 +2,9 @@
 the index's model -> neighbours -> the top gallery slides, photos and patches.
 
 The gallery's magnification is its manifest's `gallery_mpp` (microns per pixel of the
-patches as the model saw them); an index without it refuses slides
-(`NoGalleryMppError`) unless the caller gives one (`--gallery_mpp`). A query slide is
+patches as the model saw them), else the mpp its slides were added at (`index add
+--slides --gallery_mpp`, kept in the manifest's slides record); an index with neither
+refuses slides (`NoGalleryMppError`) unless the caller gives one (`--gallery_mpp`). A query slide is
 cut as the slide routes cut gallery slides (`slides.choose_patches`): the tissue mask,
 patches of the gallery's patch size (its tiling record, or its slides record) at
 `gallery_mpp`, then the query's mosaic (`QUERY_MOSAIC`, 5%, unless asked otherwise),
@@ -57,7 +58,9 @@ def slide_cut(engine: QueryEngine, gallery_mpp: float | None = None, mosaic_frac
   """The cut for slides against `engine`'s index; `gallery_mpp` replaces (or stands in for) the
   manifest's, `mosaic_fraction` the mosaic's fraction (1: every patch)."""
   manifest = engine.manifest
-  mpp = gallery_mpp if gallery_mpp is not None else manifest.get("gallery_mpp")
+  record = manifest.get("slides") or {}
+  # The gallery's slides were cut at its slides record's mpp (`index add --slides --gallery_mpp`).
+  mpp = next((m for m in (gallery_mpp, manifest.get("gallery_mpp"), record.get("mpp")) if m is not None), None)
   if mpp is None:
     raise NoGalleryMppError(
         f"index {engine.index_dir}: its manifest records no gallery_mpp (the microns per pixel its patches were "
@@ -65,7 +68,6 @@ def slide_cut(engine: QueryEngine, gallery_mpp: float | None = None, mosaic_frac
         "slides cannot be cut to match it. Pass --gallery_mpp (e.g. 1.68 for bach/x5_64), or rebuild the index.")
   if not 0 < float(mpp) <= 50:
     raise ValueError(f"gallery_mpp must be microns per pixel in (0, 50], got {mpp}")
-  record = manifest.get("slides") or {}
   patch_px = int(record.get("patch_px") or engine.tiling.get("patch_size") or engine.image_size)
   if patch_px < engine.image_size:
     raise ValueError(f"the gallery's patches ({patch_px} px) are smaller than the model input {engine.image_size}")

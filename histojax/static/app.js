@@ -114,6 +114,7 @@ async function signOut() {
   $("summary").hidden = true;
   $("thumbs").replaceChildren();
   $("sources").tBodies[0].replaceChildren();
+  document.dispatchEvent(new CustomEvent("histojax:answer", { detail: null }));
   showLogin("Signed out.");
 }
 
@@ -216,6 +217,7 @@ function drawAnswer() {
   drawTiles();
   drawFilter();
   redraw();
+  document.dispatchEvent(new CustomEvent("histojax:answer", { detail: a }));  // slides.js draws the top slides
 }
 
 function fitImage() {  // as wide as the column allows, at most 62% of the window's height
