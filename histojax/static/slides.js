@@ -90,6 +90,8 @@
       3 * region.width, 3 * region.height);
     viewer.viewport.fitBounds(rect, true);
     for (const b of byId("viewer-regions").children) b.setAttribute("aria-pressed", String(b.dataset.region === String(region.index)));
+    const centre = viewer.viewport.viewportToImageCoordinates(viewer.viewport.getCenter(true));
+    Object.assign(byId("slide-viewer").dataset, { centreX: Math.round(centre.x), centreY: Math.round(centre.y) });
   }
 
   async function openViewer(slide, index) {
@@ -108,6 +110,7 @@
     byId("viewer-regions").replaceChildren(...regions.map((r) => node("button", { type: "button",
       dataset: { region: r.index }, onclick: () => centreOn(r) }, `region ${r.index + 1} (${r.score.toFixed(3)})`)));
     if (viewer) viewer.destroy();
+    markOpenSeadragonCss();
     viewer = OpenSeadragon({
       element: byId("osd"), prefixUrl: "/static/vendor/openseadragon/images/", drawer: "canvas",
       showNavigator: false, animationTime: 0.4, loadTilesWithAjax: false, crossOriginPolicy: false,
@@ -124,6 +127,17 @@
       byId("slide-viewer").dataset.ready = "true";
     });
     viewer.addHandler("open-failed", (e) => showViewerError(`the slide cannot be shown: ${e.message}`));
+  }
+
+  function markOpenSeadragonCss() {
+    // OpenSeadragon injects a <style> (no focus outline on touch screens) unless one marked as its
+    // own is there; the page's Content-Security-Policy refuses inline styles (even an empty one),
+    // so the marker is an element named "style" outside the HTML namespace, which no browser takes
+    // for a stylesheet, and the rule itself lives in slides.css.
+    if (document.querySelector("style[data-openseadragon-mobile-css]")) return;
+    const marker = document.createElementNS("urn:histojax:marker", "style");
+    marker.setAttribute("data-openseadragon-mobile-css", "true");
+    document.head.append(marker);
   }
 
   function closeViewer() {
