@@ -87,7 +87,10 @@ def dataset_gallery_mpp(name: str, data_dir: str = "", split: str = "train") -> 
   if hasattr(builder, "gallery_mpp"):
     return builder.gallery_mpp(split)
   # A builder read back from its files (a config not in the code): what its build recorded.
-  recorded = (builder.info.metadata or {}).get("config") or {}
+  metadata = builder.info.metadata or {}
+  if (metadata.get("slides") or {}).get("mpp"):  # a slide dataset: its patches were cut at this mpp
+    return float(metadata["slides"]["mpp"])
+  recorded = metadata.get("config") or {}
   return tiling.gallery_mpp(recorded.get("mpp"), recorded.get("resize", 1.0), recorded.get("image_size"))
 
 
