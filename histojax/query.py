@@ -138,6 +138,28 @@ def model_workdir(index_dir: epath.PathLike, manifest: dict, workdir: str | None
                           "pass --workdir")
 
 
+# --- Slides among the answers -------------------------------------------------------------
+
+def slide_ranking(rows: dict, is_slide: np.ndarray, neighbors: np.ndarray, scores: np.ndarray, label,
+                  regions: int = 10) -> list[dict]:
+  """The top gallery slides by the pooled score of `metrics.rank_sources` (the mean over the
+  query's patches of the best score any patch of the slide reached in that patch's top k),
+  each with its matched regions: its patches found, in level-0 pixels, best first. `is_slide`
+  marks the gallery rows that are slide patches; `label(id)` names a class."""
+  found = metrics.only_rows(neighbors, is_slide)
+  ids, pooled, matched, best = metrics.rank_sources(found, scores, rows["source_id"], top=neighbors.shape[1])
+  out = []
+  for r, (slide, score, hits, row) in enumerate(zip(ids, pooled, matched, best)):
+    where, best_scores = metrics.matched_rows(found, scores, rows["source_id"], slide)
+    out.append({"rank": r + 1, "slide_id": str(slide), "case_id": str(rows["case_id"][row]),
+                "label": label(int(rows["label"][row])), "label_id": int(rows["label"][row]),
+                "score": round(float(score), 6), "patches_matched": int(hits),
+                "regions": [{**dict(zip(("x", "y", "width", "height"), (int(c) for c in rows["region"][g]))),
+                             "score": round(float(s), 6), "gallery_row": int(g)}
+                            for g, s in zip(where[:regions], best_scores[:regions])]})
+  return out
+
+
 # --- The engine ---------------------------------------------------------------------------
 
 def _file_stamp(path: epath.Path) -> tuple | None:
@@ -263,22 +285,7 @@ class QueryEngine:
     return {**out, "sources": self._sources(photos, scores), "slides": self.slide_ranking(neighbors, scores)}
 
   def slide_ranking(self, neighbors: np.ndarray, scores: np.ndarray, regions: int = 10) -> list[dict]:
-    """The top gallery slides by the pooled score of `metrics.rank_sources` (the mean over the
-    query's patches of the best score any patch of the slide reached in that patch's top k),
-    each with its matched regions: its patches found, in level-0 pixels, best first."""
-    found = metrics.only_rows(neighbors, self.slide_rows)
-    rows = self.rows
-    ids, pooled, matched, best = metrics.rank_sources(found, scores, rows["source_id"], top=neighbors.shape[1])
-    out = []
-    for r, (slide, score, hits, row) in enumerate(zip(ids, pooled, matched, best)):
-      where, best_scores = metrics.matched_rows(found, scores, rows["source_id"], slide)
-      out.append({"rank": r + 1, "slide_id": str(slide), "case_id": str(rows["case_id"][row]),
-                  "label": self._label(int(rows["label"][row])), "label_id": int(rows["label"][row]),
-                  "score": round(float(score), 6), "patches_matched": int(hits),
-                  "regions": [{**dict(zip(("x", "y", "width", "height"), (int(c) for c in rows["region"][g]))),
-                               "score": round(float(s), 6), "gallery_row": int(g)}
-                              for g, s in zip(where[:regions], best_scores[:regions])]})
-    return out
+    return slide_ranking(self.rows, self.slide_rows, neighbors, scores, self._label, regions)
 
   def _answer(self, name: str, shape, patches: Patches, neighbors: np.ndarray, scores: np.ndarray) -> dict:
     """The JSON-ready answer for one query image (the `search --json` object)."""

@@ -10,8 +10,11 @@ query's very regions, and a slide must never answer itself.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -192,3 +195,30 @@ def test_a_photo_index_grown_by_photos_writes_no_slide_fields(tmp_path):
   assert "region" in indexing.store.stored_rows(with_one)
   with pytest.raises(ValueError, match="do not fit"):
     indexing.with_slide_fields({**rows, "region": np.zeros((2, 4))})
+
+
+def _cli(module: str, *args) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one device: the index travels
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_search_slides_on_the_command_line_prints_one_json_answer_per_slide(gallery, tmp_path):
+  index, workdir, folder, *_ = gallery
+  (tmp_path / "q").mkdir()
+  shutil.copy(folder / "stroma" / "stroma_1.tif", tmp_path / "q" / "again.tif")
+  (tmp_path / "q" / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing more
+  done = _cli("histojax.search", "--index", index, "--workdir", workdir, "--slides", str(tmp_path / "q"), "--k", "3",
+              "--json")
+  assert done.returncode == 1, done.stderr[-2000:]  # the broken slide
+  answers = {pathlib.Path(a["query"]).name: a for a in map(json.loads, done.stdout.splitlines())}
+  assert set(answers) == {"again.tif", "broken.svs"} and "broken.svs" in answers["broken.svs"]["error"]
+  top = answers["again.tif"]["slides"][0]
+  assert set(top) >= {"rank", "slide_id", "case_id", "label", "score", "regions"} and top["slide_id"] == "stroma_1"
+  assert set(top["regions"][0]) >= {"x", "y", "width", "height", "score"} and top["score"] > 0.9999
+  bare = tmp_path / "bare"
+  shutil.copytree(COMPAT / "workdir", bare)
+  refused = _cli("histojax.search", "--index", str(bare / "index"), "--slides", str(tmp_path / "q" / "again.tif"))
+  assert refused.returncode == 2 and "no gallery_mpp" in refused.stderr and refused.stdout == ""
+  wrong = _cli("histojax.index", "add", "--index", str(bare / "index"), "--slides", str(folder), "--label", "nerve")
+  assert wrong.returncode == 2 and "names class 'nerve'" in wrong.stderr

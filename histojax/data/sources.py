@@ -168,7 +168,7 @@ def read_metadata(source, chunk: int = 512) -> dict[str, np.ndarray]:
       coords.append(np.asarray(record.get("coords", (0, 0)), np.int32))
       if "region" in record:  # a whole-slide dataset's patches: their case and level-0 box
         cases.append(_text(record.get("case_id", b"")))
-        regions.append(np.asarray(record["region"], np.int64))
+        regions.append(np.asarray(record["region"], np.int32))
   meta = {
       "label": np.asarray(labels, np.int64),
       "source_id": np.asarray(ids, dtype=str),

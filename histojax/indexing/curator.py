@@ -73,7 +73,7 @@ def add(directory: str, cases: Cases, rebalance: bool = False) -> dict:
                                "dataset_row": np.full(m, -1, np.int64), "patch_file": np.full(m, batch),
                                "patch_offset": offsets, "patch_bytes": lengths,
                                "case_id": np.full(m, "") if cases.case_id is None else cases.case_id,
-                               "region": np.zeros((m, 4), np.int64) if cases.region is None else cases.region})
+                               "region": np.zeros((m, 4), np.int32) if cases.region is None else cases.region})
     if cases.slide_files:
       manifest = {**manifest, "slides": with_slide_files(manifest.get("slides"), cases.slide_files, cases.slide_cut)}
     record = growth.growth_record(manifest)
@@ -239,7 +239,7 @@ def slide_cases(cases: list[SlideCase], read: Callable, embed: Callable) -> tupl
   patches = np.concatenate([p[0] for p in parts])
   column = lambda i: np.concatenate([p[i] for p in parts])
   return Cases(patches, np.asarray(embed(patches), np.float32), column(1), column(2), column(3).astype(np.int32),
-               column(4), column(5).astype(np.int64), {p[6].slide_id: p[6].path for p in parts}), empty
+               column(4), column(5).astype(np.int32), {p[6].slide_id: p[6].path for p in parts}), empty
 
 
 def cut_record(cut: dict) -> dict:

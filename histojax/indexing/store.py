@@ -138,7 +138,7 @@ def with_slide_fields(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """`rows` with SLIDE_FIELDS; an index written before them (or without slides) has no case
   ids and no slide regions (width 0: not a slide patch)."""
   n = len(rows["label"])
-  defaults = {"case_id": np.full(n, "", dtype="<U1"), "region": np.zeros((n, 4), np.int64)}
+  defaults = {"case_id": np.full(n, "", dtype="<U1"), "region": np.zeros((n, 4), np.int32)}
   found = {**defaults, **rows}
   region = np.asarray(found["region"])
   if region.shape != (n, 4) or len(found["case_id"]) != n:
