@@ -145,6 +145,20 @@ def test_an_index_without_gallery_mpp_refuses_slides_unless_told(gallery, tmp_pa
   assert slide_query.slide_cut(grown).mpp == GALLERY_MPP
 
 
+def test_mpp_stands_in_for_a_slide_without_resolution_and_a_full_mosaic_searches_every_patch(gallery, engine,
+                                                                                             tmp_path):
+  _, _, folder, made, _ = gallery
+  with slides.open_slide(made[0].path) as slide:
+    pixels = slide.read_level(0, (0, 0), slide.dimensions)
+  slide_fixtures.write_pyramid(tmp_path / "untagged.tif", pixels, None)  # no resolution anywhere
+  with pytest.raises(slides.NoResolutionError, match="untagged.tif"):
+    _ask(engine, tmp_path / "untagged.tif")
+  told = _ask(engine, tmp_path / "untagged.tif", mpp=0.5)
+  assert told["mpp_source"] == "override" and told["slides"][0]["slide_id"] == made[0].slide_id
+  every = _ask(engine, folder / "stroma" / "stroma_0.tif", mosaic_fraction=1.0)
+  assert every["patches_searched"] == every["patches_in_grid"] and every["cut"]["mosaic"] == {"method": "all_patches"}
+
+
 def test_bad_slides_are_answered_with_an_error_each_and_status_1(gallery, tmp_path):
   index, workdir, folder, *_ = gallery
   (tmp_path / "q").mkdir()

@@ -9,7 +9,9 @@ record of both (the pieces `histojax.serve` is wired with; docs/serving-a-lab.md
   loopback rule for servers without authentication;
 - `audit`: the append-only JSON-lines log, rotated by size;
 - `limits`: per-user request rate and uploads in flight (429 with Retry-After);
-- `headers`: CSP, nosniff, Referrer-Policy, framing, CORS (closed unless configured).
+- `headers`: CSP, nosniff, Referrer-Policy, framing, CORS (closed unless configured);
+- `viewer`: gallery slides' facts, thumbnails and Deep Zoom tiles for the page's viewer, read
+  from the files the index manifest records (`--slides_root`), each route a `picture`.
 """
 
 from __future__ import annotations
