@@ -92,7 +92,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
   if n == 0:
     return [0.0, 1.0]
   p = successes / n
-  centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
   return [round(centre - half, 3), round(centre + half, 3)]
 
 

@@ -123,7 +123,8 @@ def coloured_slides(out_dir, classes: dict[str, tuple], *, per_class: int = 2, s
       image = tissue_image(width, height, seed=100 * c + i)
       t = np.asarray(PIL.Image.fromarray((rng.random((box[3] // 8 + 1, box[2] // 8 + 1)) * 255).astype(np.uint8))
                      .resize(box[2:], PIL.Image.BILINEAR), np.float32)[..., None] / 255
-      image[box[1]:box[1] + box[3], box[0]:box[0] + box[2]] = (np.array(light) * (1 - t) + np.array(dark) * t).astype(np.uint8)
+      stain = np.array(light) * (1 - t) + np.array(dark) * t
+      image[box[1]:box[1] + box[3], box[0]:box[0] + box[2]] = stain.astype(np.uint8)
       slide_id = f"{label}_{i}"
       case = f"{label}_case{i % cases_per_class if cases_per_class else i}"
       path = out_dir / label / f"{slide_id}.tif"

@@ -62,7 +62,8 @@ def test_info_thumbnail_and_tiles_come_from_the_slide_in_level0_pixels(gallery):
   _, _, _, made = gallery
   with _client(gallery) as client, slides.open_slide(made["stroma_0"].path) as slide:
     info = client.get("/api/slides/stroma_0/info").json()
-    assert (info["width"], info["height"], info["label"], info["case_id"]) == (1400, 900, "stroma", "stroma_0")  # no table: its own case
+    # Added without a slide table: each slide its own case.
+    assert (info["width"], info["height"], info["label"], info["case_id"]) == (1400, 900, "stroma", "stroma_0")
     assert info["deepzoom"]["levels"] == 12 and info["mpp"] == [0.5, 0.5]  # ceil(log2(1400)) + 1
     thumb = _jpeg(client.get("/api/slides/stroma_0/thumbnail", params={"size": 200}))
     assert max(thumb.shape[:2]) == 200 and thumb.shape[1] > thumb.shape[0]

@@ -22,6 +22,6 @@ from histojax.indexing.store import (FORMAT_VERSION, ORIGIN_FIELDS, SLIDE_FIELDS
                                      read_manifest, slide_mask, with_origin, with_slide_fields)
 
 __all__ = ["FORMAT_VERSION", "MODES", "ORIGIN_FIELDS", "REORDER_DTYPES", "SLIDE_FIELDS", "Index", "IndexConfig",
-           "ManifestMismatch", "adc_search", "added_patch_png", "build", "check_manifest", "default_reorder", "exact_search",
-           "l2_normalize", "load", "load_if_matching", "load_rows", "mismatches", "read_manifest", "resolve_mode",
-           "search", "slide_mask", "top_k", "with_origin", "with_slide_fields"]
+           "ManifestMismatch", "adc_search", "added_patch_png", "build", "check_manifest", "default_reorder",
+           "exact_search", "l2_normalize", "load", "load_if_matching", "load_rows", "mismatches", "read_manifest",
+           "resolve_mode", "search", "slide_mask", "top_k", "with_origin", "with_slide_fields"]
