@@ -236,3 +236,12 @@ def test_search_slides_on_the_command_line_prints_one_json_answer_per_slide(gall
   assert refused.returncode == 2 and "no gallery_mpp" in refused.stderr and refused.stdout == ""
   wrong = _cli("histojax.index", "add", "--index", str(bare / "index"), "--slides", str(folder), "--label", "nerve")
   assert wrong.returncode == 2 and "names class 'nerve'" in wrong.stderr
+
+
+def test_mpp_sets_a_photo_querys_resize_to_the_gallerys_magnification():
+  index = str(COMPAT / "workdir" / "index")  # records no gallery_mpp
+  with pytest.raises(slide_query.NoGalleryMppError, match="--gallery_mpp"):
+    search.images_resize(index, 0.42, None, None)
+  assert search.images_resize(index, 0.42, None, 1.68) == pytest.approx(0.25)  # BACH photos to bach/x5_64
+  with pytest.raises(ValueError, match="not both"):
+    search.images_resize(index, 0.42, 0.5, 1.68)
