@@ -1,26 +1,35 @@
-"""Whole slides to patch arrays: patches per second by stage, and index bytes per slide.
+"""Whole slides to search: patches per second by stage, index bytes per slide, and slide-query
+latency against a gallery of 10,000 slides.
 
     python -m tests.slide_fixtures --out /tmp/bach_slides       # 40 slides from the BACH photos (0.42 um/px)
-    python -m bench.slides --slides /tmp/bach_slides [--max_slides 8] [--workers 1,2,4] [--embed quickstart]
-                           [--glass GLASS.tif]
+    python -m bench.slides --slides /tmp/bach_slides [--max_slides 8] [--workers 1,2,4] \\
+        [--embed quickstart,vit_b16] [--glass GLASS.tif] [--latency_slides 1000,3000,10000] [--latency_dims 128,768] \\
+        [--index_dirs every_patch=W/index,mosaic=W.mosaic/index]
 
-Per slide (`histojax.slides`, the path `search --slides` and `index add --slides`
-will take): open; tissue, split into decoding the ~8 um/px overview and
-segmenting it; the patch grid; then every patch read, timed as wall seconds
-for the whole grid and, per stage, as seconds summed over the reading threads
-(read: OpenSlide decoding the level's tiles; resize: level pixels to patch
-pixels). Two cuts: 224 px at 0.5 um/px (the usual 20x), and 64 px at 1.68 um/px
-(bach/x5_64's gallery resolution, which a 0.42 um/px slide's 4x level gives
-without resizing). The mosaic (Yottixel/SISH, 5%) is timed and counted too.
+Per slide (`histojax.slides`, the path `search --slides`, `index add --slides` and the
+`slides` builder take): open; tissue, split into decoding the ~8 um/px overview and
+segmenting it; the patch grid; then every patch read, timed as wall seconds for the whole
+grid and, per stage, as seconds summed over the reading threads (read: OpenSlide decoding
+the level's tiles; resize: level pixels to patch pixels). Two cuts: 224 px at 0.5 um/px
+(the usual 20x), and 64 px at 1.68 um/px (bach/x5_64's gallery resolution, which a 0.42
+um/px slide's 4x level gives without resizing). The mosaic (Yottixel/SISH, 5%) is timed
+and counted too.
 
-Embed (optional, a stand-in until phase 2 puts slides through the index): the
-quickstart ResNet-18 at quarter width, jitted, on batches of patches; alone
-(patches/s of the encoder) and fed by `read_patches` (patches/s end to end),
-which says whether reading or the encoder sets the pace.
+Embed: each model of --embed (the quickstart ResNet-18 at quarter width, 128-d; a ViT-B/16,
+768-d; random weights, jitted, float32) on batches of patches alone (the encoder's
+patches/s); the quickstart also fed by `read_patches` (end to end), which says whether
+reading or the encoder sets the pace.
 
-Index bytes per slide: rows x (dim x 4 float32 bytes + META_BYTES_PER_ROW), plus
-META_BYTES_PER_SLIDE, for every patch and for the mosaic, at the quickstart's
-128-d and a ViT-B's 768-d embeddings.
+Index bytes per slide: estimated as rows x (dim x 4 float32 bytes + META_BYTES_PER_ROW) +
+META_BYTES_PER_SLIDE for every patch and for the mosaic (at 128-d and 768-d), and measured
+on real index folders (--index_dirs: e.g. the fixture slides' galleries of bench.slides_search)
+and on the synthetic archives below.
+
+Slide-query latency (`bench.slide_gallery`): synthetic galleries of 1,000 to 10,000 slides
+with the mosaic rows per slide measured here, each query slide's rows searched as
+`search --slides` searches them (own slide excluded, then the slide ranking with regions),
+in ScaNN brute force and tree-AH; beside it, the published figures of Yottixel and SISH,
+named as theirs (PUBLISHED).
 """
 
 from __future__ import annotations
@@ -35,9 +44,9 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from bench import common
+from bench import common, slide_gallery
 from histojax import slides
-from histojax.models import build_model
+from histojax.models import build_model, model_config
 
 PRESETS = {"224px_at_0.5um": (224, 0.5), "64px_at_1.68um": (64, 1.68)}
 DIMS = {"quickstart_128d": 128, "vit_b_768d": 768}
@@ -45,18 +54,49 @@ DIMS = {"quickstart_128d": 128, "vit_b_768d": 768}
 # tables), x, y (int32), and the region's level-0 width and height (int16 each).
 META_BYTES_PER_ROW = 4 + 4 + 4 + 4 + 4 + 2 + 2
 META_BYTES_PER_SLIDE = 64  # slide id, case id, label name, mpp: a short record per slide
-# The published figure, theirs, as issue 26 quotes it.
-PUBLISHED = {"yottixel_index_bytes_per_slide": "about 10 KB (Kalra et al. 2020, as issue 26 quotes it)",
-             "sish_mosaic": "9 colour clusters, 5% spatial sampling, 1024 px patches at 20x (mahmoodlab/SISH "
-                            "extract_mosaic.py)"}
+# Their figures, as they publish them (nothing here re-measures their systems).
+PUBLISHED = {
+    "yottixel": {
+        "cite": "Kalra S, Tizhoosh HR et al. Yottixel - An image search engine for large archives of "
+                "histopathology whole slide images. Medical Image Analysis 65:101757 (2020)",
+        "mosaic": "k-means on colour histograms of the patches at low magnification (9 clusters), then 5% of "
+                  "each cluster by spatial k-means; 1000 x 1000 px patches at 20x",
+        "index": "DenseNet features binarised to barcodes ('bunch of barcodes', Hamming distance); about 10 KB "
+                 "of index per slide (as issue 26 quotes it)",
+        "search": "median of minimum Hamming distances between the query's and each slide's barcodes: every "
+                  "slide of the archive is compared (linear in its size)"},
+    "sish": {
+        "cite": "Chen C, Lu MY, Williamson DFK, Chen TY, Schaumberg AJ, Mahmood F. Fast and scalable search of "
+                "whole-slide images via self-supervised deep learning. Nature Biomedical Engineering "
+                "6(12):1420-1434 (2022), doi:10.1038/s41551-022-00929-8; code github.com/mahmoodlab/SISH",
+        "mosaic": "Yottixel's (9 colour clusters, 5% spatial sampling); 1024 px patches at 20x, 2048 at 40x "
+                  "(README, CLAM patching)",
+        "index": "VQ-VAE discrete latent codes of the mosaic, integer keys in a van Emde Boas tree, DenseNet "
+                 "features for ranking",
+        "search": "'constant search speed regardless of the size of the database', shown on over 22,000 patient "
+                  "cases of 56 subtypes (their abstract and README)",
+        "stack": "NVIDIA 2080 Ti, Python 3.7, openslide-python 1.1.1, PyTorch 1.5.0 (their README)"},
+    "independent_validation": {
+        "cite": "Lahr I, Alfasly S, ... Tizhoosh HR. Analysis and Validation of Image Search Engines in "
+                "Histopathology. arXiv:2401.03271 (2024)",
+        "finding": "on 2,476 patients: Yottixel efficient and fast with moderate accuracy; SISH inefficient with "
+                   "inconsistent results; RetCCL inadequate in accuracy and efficiency (their abstract)"},
+}
+EMBEDDERS = {"quickstart": ("quickstart ResNet-18 x0.25, 128-d", ("224px_at_0.5um", "64px_at_1.68um"), 64),
+             "vit_b16": ("ViT-B/16 (timm layout), 768-d", ("224px_at_0.5um",), 16)}
 
 flags.DEFINE_string("slides", None, "folder of fixture slides (python -m tests.slide_fixtures --out DIR)")
 flags.DEFINE_integer("max_slides", 8, "slides timed (the first N in walk order, every class if N >= 4 x 10)")
 flags.DEFINE_string("workers", "1,2,4", "reading threads to time, comma-separated")
-flags.DEFINE_string("embed", "quickstart", "'quickstart' to time the stand-in encoder, '' for none")
+flags.DEFINE_list("embed", ["quickstart", "vit_b16"], f"encoders to time, of {sorted(EMBEDDERS)} ('' for none)")
 flags.DEFINE_float("mosaic_fraction", 0.05, "the mosaic's fraction")
 flags.DEFINE_string("glass", None, "a 50,000^2 glass slide (ulimit -f 131072; python -m tests.hostile_slides glass "
                     "PATH): time to its 'no tissue'")
+flags.DEFINE_list("latency_slides", ["1000", "3000", "10000"], "gallery sizes (slides) for the query latency; "
+                  "'' for none")
+flags.DEFINE_list("latency_dims", ["128", "768"], "embedding widths for the query latency")
+flags.DEFINE_integer("latency_queries", 30, "query slides per gallery size")
+flags.DEFINE_list("index_dirs", [], "name=FOLDER of real slide indexes to measure bytes per slide of")
 flags.DEFINE_string("out", None, "JSON path (default bench/results/slides.json)")
 
 
@@ -141,28 +181,39 @@ def _extrapolated(patches: float, fraction: float) -> dict:
   return out
 
 
-def embed_rates(path: pathlib.Path, workers: int) -> dict:
-  """The stand-in encoder's patches/s alone, and fed by read_patches from one slide (end to end)."""
+def _encoder(name: str):
   from configs import quickstart  # noqa: PLC0415  (configs are files beside the package, loaded on demand)
-  model = build_model(quickstart.get_config().model)
+  cfg = quickstart.get_config().model if name == "quickstart" else model_config(name)
+  model = build_model(cfg)
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-  out = {"model": "quickstart ResNet-18 x0.25, 128-d (random weights), jitted, float32, batch 64"}
+  return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+def embed_rates(path: pathlib.Path, workers: int, names: list[str]) -> dict:
+  """Each encoder's patches/s alone; the quickstart's also fed by read_patches from one slide."""
   slide = slides.open_slide(path)
   mask = slides.tissue_mask(slide)
-  for name, (patch_px, mpp) in PRESETS.items():
-    batch = np.zeros((64, patch_px, patch_px, 3), np.uint8)
-    forward(state, batch).block_until_ready()  # compile
-    _, seconds = _timed(lambda: [forward(state, batch) for _ in range(5)][-1].block_until_ready())
-    cut = slides.patch_grid(slide, mask, patch_px=patch_px, mpp=mpp)
-    start = time.perf_counter()
-    for b in slides.read_patches(slide, cut, batch_size=64, workers=workers):
-      images = b.images if len(b.images) == 64 else np.concatenate([b.images, batch[len(b.images):]])
-      forward(state, images).block_until_ready()
-    wall = time.perf_counter() - start
-    out[name] = {"embed_patches_per_s": round(5 * 64 / seconds, 1),
-                 "end_to_end_patches_per_s": round(len(cut) / wall, 1), "patches": len(cut), "workers": workers}
+  out = {}
+  for name in names:
+    what, presets, batch_size = EMBEDDERS[name]
+    forward, state = _encoder(name)
+    out[name] = {"model": f"{what} (random weights), jitted, float32, batch {batch_size}"}
+    for preset in presets:
+      patch_px, mpp = PRESETS[preset]
+      batch = np.zeros((batch_size, patch_px, patch_px, 3), np.uint8)
+      forward(state, batch).block_until_ready()  # compile
+      _, seconds = _timed(lambda: [forward(state, batch) for _ in range(3)][-1].block_until_ready())
+      entry = {"embed_patches_per_s": round(3 * batch_size / seconds, 1)}
+      if name == "quickstart":
+        cut = slides.patch_grid(slide, mask, patch_px=patch_px, mpp=mpp)
+        start = time.perf_counter()
+        for b in slides.read_patches(slide, cut, batch_size=batch_size, workers=workers):
+          images = b.images if len(b.images) == batch_size else np.concatenate([b.images, batch[len(b.images):]])
+          forward(state, images).block_until_ready()
+        entry.update(end_to_end_patches_per_s=round(len(cut) / (time.perf_counter() - start), 1), patches=len(cut),
+                     workers=workers)
+      out[name][preset] = entry
   slide.close()
   return out
 
@@ -184,6 +235,9 @@ def main(argv):
   FLAGS = flags.FLAGS
   if not FLAGS.slides:
     raise app.UsageError("--slides DIR is required (make it with: python -m tests.slide_fixtures --out DIR)")
+  unknown = set(FLAGS.embed) - set(EMBEDDERS)
+  if unknown:
+    raise app.UsageError(f"--embed: unknown {sorted(unknown)}; known {sorted(EMBEDDERS)}")
   workers = [int(w) for w in FLAGS.workers.split(",")]
   paths = slides.slide_paths(FLAGS.slides)
   chosen = paths[:: max(1, len(paths) // FLAGS.max_slides)][: FLAGS.max_slides]  # spread over the classes
@@ -197,8 +251,14 @@ def main(argv):
       "stages": stage_totals(rows, workers), "index": index_bytes(rows, mosaic.fraction), "published": PUBLISHED, "per_slide": rows}
   if FLAGS.glass:
     result["glass_no_tissue"] = no_tissue_seconds(FLAGS.glass)
-  if FLAGS.embed == "quickstart":
-    result["embed"] = embed_rates(chosen[0], max(workers))
+  if FLAGS.embed:
+    result["embed"] = embed_rates(chosen[0], max(workers), FLAGS.embed)
+  if FLAGS.index_dirs:
+    result["index"]["measured"] = slide_gallery.index_dir_bytes(dict(d.split("=", 1) for d in FLAGS.index_dirs))
+  if FLAGS.latency_slides:
+    per_slide = statistics.mean(r["cuts"]["64px_at_1.68um"]["mosaic_rows"] for r in rows)  # as measured here
+    result["latency"] = slide_gallery.latency([int(n) for n in FLAGS.latency_slides], [int(d) for d in FLAGS.latency_dims],
+                                              per_slide, queries=FLAGS.latency_queries)
   result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
   common.write("slides", result, FLAGS.out)
 

@@ -1,7 +1,8 @@
 """Checkpoint state + TFDS split -> embeddings (+ PQ codes) and metadata on disk.
 
 An export folder holds `embeddings.npy` [n, d] (float32, unit rows, in split
-order), `metadata.npz` (label, source_id, coords), `manifest.json` and, for a
+order), `metadata.npz` (label, source_id, coords; for whole-slide datasets case_id and
+region too), `manifest.json` and, for a
 model with PQ codebooks (SPQ), `codes.npy` [n, M] + `codebooks.npy` [M, K, d/M].
 
 Writing is resumable and atomic. Rows are embedded in chunks of whole global
@@ -45,9 +46,10 @@ class Export:
   manifest: dict
   codes: np.ndarray | None = None
   codebooks: np.ndarray | None = None
+  extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # slides: case_id, region
 
   def rows(self) -> dict[str, np.ndarray]:
-    return {"label": self.label, "source_id": self.source_id, "coords": self.coords}
+    return {"label": self.label, "source_id": self.source_id, "coords": self.coords, **self.extra}
 
 
 # --- What identifies an export -------------------------------------------------
@@ -85,8 +87,18 @@ def dataset_gallery_mpp(name: str, data_dir: str = "", split: str = "train") -> 
   if hasattr(builder, "gallery_mpp"):
     return builder.gallery_mpp(split)
   # A builder read back from its files (a config not in the code): what its build recorded.
-  recorded = (builder.info.metadata or {}).get("config") or {}
+  metadata = builder.info.metadata or {}
+  if (metadata.get("slides") or {}).get("mpp"):  # a slide dataset: its patches were cut at this mpp
+    return float(metadata["slides"]["mpp"])
+  recorded = metadata.get("config") or {}
   return tiling.gallery_mpp(recorded.get("mpp"), recorded.get("resize", 1.0), recorded.get("image_size"))
+
+
+def dataset_slides(name: str, data_dir: str = "") -> dict | None:
+  """A whole-slide dataset's record (`tfds_builders.slides`: where its slides are, the cut and
+  the mosaic), for the index's manifest: the service shows a result slide from its file. None
+  for datasets of photos or patches."""
+  return (sources.builder(name, data_dir).info.metadata or {}).get("slides")
 
 
 def _stain_spec(spec, cfg) -> dict | None:
@@ -245,10 +257,12 @@ def export_split(trainer: step_lib.Trainer, state: nnx.State, config, split: str
               "class_names": sources.class_names(config.dataset.name, config.dataset.data_dir),
               "tiling": dataset_tiling(config.dataset.name, config.dataset.data_dir, split),
               "gallery_mpp": dataset_gallery_mpp(config.dataset.name, config.dataset.data_dir, split),
+              "slides": dataset_slides(config.dataset.name, config.dataset.data_dir),
               "pq": None if codebooks is None else {"num_books": int(codebooks.shape[0]),
                                                     "num_codewords": int(codebooks.shape[1]), "metric": metric,
                                                     "bits_per_row": pq.bits_per_row(codebooks)}}
-  result = Export(embeddings, meta["label"], meta["source_id"], meta["coords"], manifest, codes, codebooks)
+  result = Export(embeddings, meta["label"], meta["source_id"], meta["coords"], manifest, codes, codebooks,
+                  _extra(meta))
   if jax.process_index() == 0:
     _write(directory, staging, result)
   return result
@@ -290,7 +304,12 @@ def load(directory: epath.PathLike) -> Export:
   if len(embeddings) != manifest.get("count", len(embeddings)) or len(meta["label"]) != len(embeddings):
     raise ValueError(f"{directory}: {len(embeddings)} embeddings, {len(meta['label'])} labels, "
                      f"manifest count {manifest.get('count')}; delete the folder to export again")
-  return Export(embeddings, meta["label"], meta["source_id"], meta["coords"], manifest, codes, codebooks)
+  return Export(embeddings, meta["label"], meta["source_id"], meta["coords"], manifest, codes, codebooks,
+                _extra(meta))
+
+
+def _extra(meta: dict) -> dict[str, np.ndarray]:
+  return {key: meta[key] for key in ("case_id", "region") if key in meta}
 
 
 def _load_if_matching(directory: epath.Path, wanted: dict) -> Export | None:

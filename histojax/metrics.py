@@ -262,6 +262,43 @@ def rank_sources(neighbors: np.ndarray, scores: np.ndarray, gallery_source: np.n
   return ids[order], pooled[order], hits[order].astype(np.int64), best_row[order]
 
 
+def only_rows(neighbors: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """`neighbors` with every gallery row that `keep` (a bool per gallery row) leaves out set to
+  -1 (to rank one kind of source, slides or photos, over the same top-k lists)."""
+  neighbors = np.asarray(neighbors)
+  return np.where((neighbors >= 0) & np.asarray(keep)[np.maximum(neighbors, 0)], neighbors, -1)
+
+
+def drop_rows(neighbors: np.ndarray, scores: np.ndarray, dropped: np.ndarray, k: int):
+  """Results whose gallery row is `dropped` (a bool per gallery row: the query's own slide or
+  patient) taken out; the rest keep their order, cut to `k` and padded with -1 / -inf.
+  Search with k + dropped.sum() neighbours for `k` to survive."""
+  neighbors, scores = np.asarray(neighbors), np.asarray(scores)
+  gone = (neighbors >= 0) & np.asarray(dropped)[np.maximum(neighbors, 0)]
+  kept = (neighbors >= 0) & ~gone
+  order = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # kept columns first, in rank order
+  valid = np.take_along_axis(kept, order, 1)
+  out_n = np.where(valid, np.take_along_axis(neighbors, order, 1), -1)
+  out_s = np.where(valid, np.take_along_axis(scores, order, 1), -np.inf)
+  pad = ((0, 0), (0, k - out_n.shape[1]))
+  return (np.pad(out_n, pad, constant_values=-1).astype(np.int64),
+          np.pad(out_s, pad, constant_values=-np.inf).astype(np.float32))
+
+
+def matched_rows(neighbors: np.ndarray, scores: np.ndarray, gallery_source: np.ndarray, source) -> tuple:
+  """The gallery rows of `source` found in any of the query's top-k lists, each with the best
+  score it reached, best first (a result slide's matched regions). Returns (rows, scores)."""
+  neighbors, scores = np.asarray(neighbors), np.asarray(scores, np.float64)
+  found = neighbors >= 0
+  mine = found & (np.asarray(gallery_source)[np.maximum(neighbors, 0)] == source)
+  rows, best = np.unique(neighbors[mine]), np.full(0, 0.0)
+  if len(rows):
+    best = np.full(len(rows), -np.inf)
+    np.maximum.at(best, np.searchsorted(rows, neighbors[mine]), scores[mine])
+  order = np.lexsort((rows, -best))
+  return rows[order].astype(np.int64), best[order]
+
+
 def group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(group ids sorted, each group's most frequent label; ties to the lowest id).
 

@@ -138,6 +138,28 @@ def model_workdir(index_dir: epath.PathLike, manifest: dict, workdir: str | None
                           "pass --workdir")
 
 
+# --- Slides among the answers -------------------------------------------------------------
+
+def slide_ranking(rows: dict, is_slide: np.ndarray, neighbors: np.ndarray, scores: np.ndarray, label,
+                  regions: int = 10) -> list[dict]:
+  """The top gallery slides by the pooled score of `metrics.rank_sources` (the mean over the
+  query's patches of the best score any patch of the slide reached in that patch's top k),
+  each with its matched regions: its patches found, in level-0 pixels, best first. `is_slide`
+  marks the gallery rows that are slide patches; `label(id)` names a class."""
+  found = metrics.only_rows(neighbors, is_slide)
+  ids, pooled, matched, best = metrics.rank_sources(found, scores, rows["source_id"], top=neighbors.shape[1])
+  out = []
+  for r, (slide, score, hits, row) in enumerate(zip(ids, pooled, matched, best)):
+    where, best_scores = metrics.matched_rows(found, scores, rows["source_id"], slide)
+    out.append({"rank": r + 1, "slide_id": str(slide), "case_id": str(rows["case_id"][row]),
+                "label": label(int(rows["label"][row])), "label_id": int(rows["label"][row]),
+                "score": round(float(score), 6), "patches_matched": int(hits),
+                "regions": [{**dict(zip(("x", "y", "width", "height"), (int(c) for c in rows["region"][g]))),
+                             "score": round(float(s), 6), "gallery_row": int(g)}
+                            for g, s in zip(where[:regions], best_scores[:regions])]})
+  return out
+
+
 # --- The engine ---------------------------------------------------------------------------
 
 def _file_stamp(path: epath.Path) -> tuple | None:
@@ -191,6 +213,8 @@ class QueryEngine:
     else:
       raise ValueError(f"index {self.index_dir} changed {tries} times while being read; try again")
     self._searcher, self.manifest, self.rows = searcher, manifest, rows
+    self.slide_rows = indexing.slide_mask(rows)  # rows that are patches of whole-slide images
+    self.has_slides = bool(self.slide_rows.any())
     self.class_names = list(manifest.get("class_names") or [])
     self.image_size = self.model.image_size
     self.num_rows = int(searcher.size)
@@ -238,10 +262,7 @@ class QueryEngine:
         cut_or_error.append(str(e))
     patches = [p for p in cut_or_error if isinstance(p, Patches)]
     tiles = np.concatenate([p.images for p in patches]) if patches else np.zeros((0,), np.uint8)
-    if len(tiles):
-      neighbors, scores = indexing.search(self._searcher, self.model.embed(tiles), k)
-    else:
-      neighbors, scores = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    neighbors, scores = self.search(self.model.embed(tiles) if len(tiles) else None, k)
     answers, start = [], 0
     for (name, image), found in zip(queries, cut_or_error):
       if not isinstance(found, Patches):
@@ -255,23 +276,49 @@ class QueryEngine:
   def answer(self, name: str, image: np.ndarray, k: int) -> dict:
     return self.answer_batch([(name, image)], k)[0]
 
+  def search(self, embeddings: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbors [n, k], scores [n, k]) of the gallery for embeddings [n, d] (None: no query)."""
+    if embeddings is None or not len(embeddings):
+      return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return indexing.search(self._searcher, embeddings, k)
+
   def _label(self, label: int) -> str:
     return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
 
+  def results(self, found: np.ndarray, score: np.ndarray) -> list[dict]:
+    """One query patch's ranked gallery rows; a slide's patch also says its case and level-0 region."""
+    rows, label, out = self.rows, self._label, []
+    for r, (n, s) in enumerate(zip(found, score)):
+      if n < 0:
+        continue
+      out.append({"rank": r + 1, "gallery_row": int(n), "label": label(int(rows["label"][n])),
+                  "label_id": int(rows["label"][n]), "source_id": str(rows["source_id"][n]),
+                  "coords": [int(c) for c in rows["coords"][n]], "score": round(float(s), 6)})
+      if self.slide_rows[n]:
+        out[-1].update(case_id=str(rows["case_id"][n]), region=[int(c) for c in rows["region"][n]])
+    return out
+
+  def pooled(self, neighbors: np.ndarray, scores: np.ndarray) -> dict:
+    """What all of a query's patches say together: the vote, the top source photos and, when the
+    gallery holds slides, the top slides (`slide_ranking`)."""
+    out = {"vote": self._vote(neighbors)}
+    if not self.has_slides:  # an answer exactly as before slides existed
+      return {**out, "sources": self._sources(neighbors, scores)}
+    photos = metrics.only_rows(neighbors, ~self.slide_rows)
+    return {**out, "sources": self._sources(photos, scores), "slides": self.slide_ranking(neighbors, scores)}
+
+  def slide_ranking(self, neighbors: np.ndarray, scores: np.ndarray, regions: int = 10) -> list[dict]:
+    return slide_ranking(self.rows, self.slide_rows, neighbors, scores, self._label, regions)
+
   def _answer(self, name: str, shape, patches: Patches, neighbors: np.ndarray, scores: np.ndarray) -> dict:
     """The JSON-ready answer for one query image (the `search --json` object)."""
-    rows, label = self.rows, self._label
     tiles = []
     for (y, x), tissue, found, score in zip(patches.coords, patches.tissue, neighbors, scores):
-      results = [{"rank": r + 1, "gallery_row": int(n), "label": label(int(rows["label"][n])),
-                  "label_id": int(rows["label"][n]), "source_id": str(rows["source_id"][n]),
-                  "coords": [int(c) for c in rows["coords"][n]], "score": round(float(s), 6)}
-                 for r, (n, s) in enumerate(zip(found, score)) if n >= 0]
-      tiles.append({"y": int(y), "x": int(x), "results": results,
+      tiles.append({"y": int(y), "x": int(x), "results": self.results(found, score),
                     "tissue_fraction": None if tissue is None else round(float(tissue), 4)})
     return {"query": name, "height": int(shape[0]), "width": int(shape[1]), "tiling": dict(self.tiling),
             "tiles_searched": len(tiles), "tiles_dropped": int(patches.dropped),
-            "vote": self._vote(neighbors), "sources": self._sources(neighbors, scores), "tiles": tiles}
+            **self.pooled(neighbors, scores), "tiles": tiles}
 
   def _vote(self, neighbors: np.ndarray) -> dict | None:
     if not len(neighbors):

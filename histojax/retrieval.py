@@ -21,7 +21,7 @@ def index_manifest(config, workdir: epath.Path, gallery: export.Export, k: int) 
   man = gallery.manifest
   return {"checkpoint": {"workdir": str(workdir.absolute()), "step": man["step"], "fingerprint": man["fingerprint"]},
           **{key: man.get(key) for key in ("dataset", "split", "step", "model", "image_size", "fingerprint",
-                                            "normalization", "class_names", "tiling", "gallery_mpp", "pq", "spread")},
+                                            "normalization", "class_names", "tiling", "gallery_mpp", "slides", "pq", "spread")},
           "index_config": dataclasses.asdict(indexing.IndexConfig.from_config(config.eval.index)), "build_k": k}
 
 

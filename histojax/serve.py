@@ -10,6 +10,8 @@ One process (Starlette on uvicorn) loads the index and its query model once
   PNG, read from the TFDS split the index was built from (or, for a row added
   later, from the index itself); 409 when N (the generation of the search
   that named the row; the page sends it) is not the one served;
+- `GET /api/slides/{id}/info|thumbnail|tiles/...`: a gallery slide's facts, thumbnail and
+  Deep Zoom tiles for the page's viewer (histojax.service.viewer; `--slides_root`);
 - `GET /api/info` (manifest summary), `GET /healthz`, and `GET /` (the page);
 - `POST /api/login`, `POST /api/logout`, `GET /api/session`, `GET /api/audit`
   (histojax.service.auth);
@@ -76,7 +78,7 @@ from starlette.staticfiles import StaticFiles
 
 from histojax import indexing, query, service
 from histojax.data import images
-from histojax.service import audit, auth, curate, headers
+from histojax.service import audit, auth, curate, headers, viewer
 from histojax.service.forms import HTTPError, error_response, read_upload
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -255,7 +257,7 @@ def parse_k(request: Request, num_rows: int) -> int:
 def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int = 64 * MiB,
               max_pixels: int | None = None, batching: bool = True, batch_wait_ms: float = 5.0,
               max_batch: int = 16, gate: auth.Gate | None = None, cors_origins=(),
-              loopback_hosts_only: bool = False) -> Starlette:
+              loopback_hosts_only: bool = False, slides_root: str | None = None) -> Starlette:
   """The ASGI app around an open `QueryEngine`; `gate` says who may do what (default: no
   authentication, read-only); `loopback_hosts_only` refuses a Host that does not name loopback."""
   max_pixels = max_pixels or images.DEFAULT_MAX_PIXELS["serve"]
@@ -347,6 +349,7 @@ def build_app(engine, index_dir: str, data_dir: str = "", max_upload_bytes: int 
       *curation.routes(guard),  # POST /api/gallery, DELETE /api/gallery/sources/{id}: before the catch-all
       Route("/api/gallery/{row}/image", guard("picture", gallery_image)),
       Route("/api/gallery/{rest:path}", guard("picture", gallery_other)),
+      *viewer.routes(engine, guard, slides_root),  # gallery slides' thumbnails and Deep Zoom tiles
       *gate.routes(),
       Mount("/static", StaticFiles(directory=STATIC)),
   ], lifespan=lifespan, middleware=headers.middleware(cors_origins, loopback_hosts_only))
@@ -379,6 +382,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("batching", True, "batch concurrent searches into one device call (--nobatching: one by one)")
   flags.DEFINE_float("batch_wait_ms", 5.0, "how long the first search of a batch waits for others")
   flags.DEFINE_integer("max_batch", 16, "most searches in one batch")
+  flags.DEFINE_string("slides_root", None, "folder holding the gallery's slides, replacing the root the index recorded")
   service.define_flags()
 
 
@@ -422,7 +426,7 @@ def main(argv) -> None:
     raise SystemExit(f"histojax.serve: {e}") from None
   run(f.index, f.host, f.port, f.workdir, f.step, f.data_dir, gate=gate, insecure_no_auth=f.insecure_no_auth,
       max_upload_bytes=int(f.max_upload_mb * MiB), max_pixels=f.max_pixels, batching=f.batching,
-      batch_wait_ms=f.batch_wait_ms, max_batch=f.max_batch, cors_origins=f.cors_origins)
+      batch_wait_ms=f.batch_wait_ms, max_batch=f.max_batch, cors_origins=f.cors_origins, slides_root=f.slides_root)
 
 
 if __name__ == "__main__":

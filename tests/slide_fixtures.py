@@ -106,6 +106,37 @@ def tissue_image(width: int, height: int, seed: int = 0, boxes=()) -> np.ndarray
   return image
 
 
+def coloured_slides(out_dir, classes: dict[str, tuple], *, per_class: int = 2, size=(640, 448), mpp: float = 0.5,
+                    cases_per_class: int | None = None) -> list[FixtureSlide]:
+  """Small synthetic slides (no BACH needed): per class `per_class` slides of textured tissue in
+  the class's two stain colours (`classes`: label -> ((r, g, b) light, (r, g, b) dark)), in
+  `out_dir/<label>/<slide_id>.tif`, with a slides.csv (no split column). Slide ids are
+  `<label>_<i>`; cases are `<label>_case<j>` (`cases_per_class`, default one per slide)."""
+  out_dir = pathlib.Path(out_dir)
+  made = []
+  for c, (label, (light, dark)) in enumerate(sorted(classes.items())):
+    (out_dir / label).mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+      rng = np.random.default_rng(100 * c + i)
+      width, height = size
+      box = (width // 10, height // 10, width * 8 // 10, height * 8 // 10)
+      image = tissue_image(width, height, seed=100 * c + i)
+      t = np.asarray(PIL.Image.fromarray((rng.random((box[3] // 8 + 1, box[2] // 8 + 1)) * 255).astype(np.uint8))
+                     .resize(box[2:], PIL.Image.BILINEAR), np.float32)[..., None] / 255
+      stain = np.array(light) * (1 - t) + np.array(dark) * t
+      image[box[1]:box[1] + box[3], box[0]:box[0] + box[2]] = stain.astype(np.uint8)
+      slide_id = f"{label}_{i}"
+      case = f"{label}_case{i % cases_per_class if cases_per_class else i}"
+      path = out_dir / label / f"{slide_id}.tif"
+      write_pyramid(path, image, mpp)
+      made.append(FixtureSlide(path, slide_id, case, label, "", mpp, (), (box,), ()))
+  with open(out_dir / "slides.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["slide_id", "case_id", "label"])
+    writer.writerows([s.slide_id, s.case_id, s.label] for s in made)
+  return made
+
+
 def photos_folder(root) -> pathlib.Path:
   root = pathlib.Path(root)
   for candidate in (root / "ICIAR2018_BACH_Challenge" / "Photos", root / "Photos", root):

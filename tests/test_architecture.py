@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
 PACKAGES = ("histojax", "tfds_builders", "configs")
-READ_PATH = ("histojax/query.py", "histojax/search.py")
+READ_PATH = ("histojax/query.py", "histojax/slide_query.py", "histojax/search.py")
 WRITERS = ("histojax.indexing.writer", "histojax.indexing.growth", "histojax.indexing.curator")
 
 

@@ -9,6 +9,10 @@ examples by the same hashed keys, so both routes write the same records.
 The local route counts drops and corrupt images in the generator; here they
 are Beam metrics (counters, and a string set for the names of skipped corrupt
 images), read back by `split_stats` once the pipeline has finished.
+
+Slide builds (`tfds_builders.slides`) take one slide per element
+(`prepare_slide_split`): the same `slide_sources.plan_slide` and patches as their
+local route, streamed out of the element (a slide's patches are never held whole).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import apache_beam as beam
 from absl import logging
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 
+from histojax import slides
+from tfds_builders.slide_sources import SlideSpec, plan_slide, stop_message
 from tfds_builders.source_images import (MAX_PIXELS, BuildError, ImageSpec, SourceImage, corrupt_image_error,
                                           prepare_source)
 
@@ -56,6 +62,37 @@ def prepare_split(pipeline, sources: Sequence[SourceImage], spec: ImageSpec, spl
           | "Sources" >> beam.Create(list(sources))
           | "PrepareSource" >> beam.FlatMap(prepare_examples, spec=spec, split=split, skip_corrupt=skip_corrupt,
                                             max_pixels=max_pixels))
+
+
+def slide_examples(source: SourceImage, spec: SlideSpec, split: str, skip_corrupt: bool):
+  """One slide's examples, counted, streamed; a slide that cannot be opened stops the job unless skipped."""
+  namespace = _namespace(split)
+  Metrics.counter(namespace, "source_images").inc()
+  try:
+    plan = plan_slide(source, spec)
+  except slides.NoTissueError as e:
+    logging.warning("no tissue, no patch: %s", e)
+    Metrics.counter(namespace, "images_without_tiles").inc()
+    return
+  except slides.SlideError as e:
+    if not skip_corrupt:
+      raise BuildError(stop_message(source, e)) from e
+    logging.warning("skipping slide: %s", e)
+    Metrics.counter(namespace, "corrupt").inc()
+    Metrics.string_set(namespace, "corrupt_skipped").add(source.path)
+    return
+  Metrics.counter(namespace, "tiles_dropped").inc(plan.dropped)
+  kept = Metrics.counter(namespace, "tiles_kept")
+  for example in plan.examples():
+    kept.inc()
+    yield example
+
+
+@beam.ptransform_fn
+def prepare_slide_split(pipeline, sources: Sequence[SourceImage], spec: SlideSpec, split: str, skip_corrupt: bool):
+  return (pipeline
+          | "Slides" >> beam.Create(list(sources))
+          | "PrepareSlide" >> beam.FlatMap(slide_examples, spec=spec, split=split, skip_corrupt=skip_corrupt))
 
 
 def split_stats(result, split: str, sources: Sequence[SourceImage]) -> dict[str, Any]:

@@ -155,21 +155,28 @@ def class_names(name: str, data_dir: str = "") -> list[str]:
 
 
 def read_metadata(source, chunk: int = 512) -> dict[str, np.ndarray]:
-  """Labels, source image ids and tile coordinates of every example, in order.
+  """Labels, source image ids and tile coordinates of every example, in order; for a
+  whole-slide dataset also each patch's case id and level-0 region (x, y, width, height).
 
   Samplers and exports need these for the whole split; images are not decoded.
   """
-  labels, ids, coords = [], [], []
+  labels, ids, coords, cases, regions = [], [], [], [], []
   for start in range(0, len(source), chunk):
     for record in source.__getitems__(list(range(start, min(start + chunk, len(source))))):
       labels.append(int(record["label"]))
       ids.append(_text(record.get("source_id", b"")))
       coords.append(np.asarray(record.get("coords", (0, 0)), np.int32))
-  return {
+      if "region" in record:  # a whole-slide dataset's patches: their case and level-0 box
+        cases.append(_text(record.get("case_id", b"")))
+        regions.append(np.asarray(record["region"], np.int32))
+  meta = {
       "label": np.asarray(labels, np.int64),
       "source_id": np.asarray(ids, dtype=str),
       "coords": np.stack(coords) if coords else np.zeros((0, 2), np.int32),
   }
+  if regions and len(regions) == len(labels):
+    meta.update(case_id=np.asarray(cases, dtype=str), region=np.stack(regions))
+  return meta
 
 
 def _text(value) -> str:

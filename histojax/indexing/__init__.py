@@ -17,11 +17,11 @@ they import writes. Writers import `writer` (evaluate's new index) or `curator`.
 
 from histojax.indexing.searcher import (MODES, REORDER_DTYPES, Index, IndexConfig, adc_search, build,
                                         default_reorder, exact_search, l2_normalize, resolve_mode, search, top_k)
-from histojax.indexing.store import (FORMAT_VERSION, ORIGIN_FIELDS, ManifestMismatch, added_patch_png,
-                                     check_manifest, load, load_if_matching, load_rows, mismatches, read_manifest,
-                                     with_origin)
+from histojax.indexing.store import (FORMAT_VERSION, ORIGIN_FIELDS, SLIDE_FIELDS, ManifestMismatch,
+                                     added_patch_png, check_manifest, load, load_if_matching, load_rows, mismatches,
+                                     read_manifest, slide_mask, with_origin, with_slide_fields)
 
-__all__ = ["FORMAT_VERSION", "MODES", "ORIGIN_FIELDS", "REORDER_DTYPES", "Index", "IndexConfig", "ManifestMismatch",
-           "adc_search", "added_patch_png", "build", "check_manifest", "default_reorder", "exact_search",
-           "l2_normalize", "load", "load_if_matching", "load_rows", "mismatches", "read_manifest", "resolve_mode",
-           "search", "top_k", "with_origin"]
+__all__ = ["FORMAT_VERSION", "MODES", "ORIGIN_FIELDS", "REORDER_DTYPES", "SLIDE_FIELDS", "Index", "IndexConfig",
+           "ManifestMismatch", "adc_search", "added_patch_png", "build", "check_manifest", "default_reorder",
+           "exact_search", "l2_normalize", "load", "load_if_matching", "load_rows", "mismatches", "read_manifest",
+           "resolve_mode", "search", "slide_mask", "top_k", "with_origin", "with_slide_fields"]

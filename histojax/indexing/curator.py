@@ -17,6 +17,13 @@ index does not have yet (appended to the manifest's `class_names` in the same ge
 it takes the lock without waiting (`fileio.FolderBusy`), checks, cuts, embeds and writes under
 it, so a second writer learns at once that it must wait rather than after embedding. The
 refusals are exceptions of their own (subclasses of what the CLI already catches).
+
+Whole slides come in the same way (`labelled_slides`, `slide_cases`): a slide is a source
+(its id the file stem), its patches cut by the caller as the query path cuts slides
+(the index's gallery_mpp, tissue, mosaic), each row with its case id and level-0
+region; the manifest's `slides` record keeps where each slide's file is, for the
+service's viewer. A slide that cannot be read stops the add before anything is written;
+one with no tissue is left out and said.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from histojax import fileio
+from histojax import fileio, slides
 from histojax.data import images as images_lib
 from histojax.indexing import growth, searcher, store, writer
 
@@ -42,6 +49,10 @@ class Cases:
   label: np.ndarray  # [m] int64
   source_id: np.ndarray  # [m] str
   coords: np.ndarray  # [m, 2] int32
+  case_id: np.ndarray | None = None  # [m] str: slides' cases (patients); None: ""
+  region: np.ndarray | None = None  # [m, 4]: slides' patches in level-0 (x, y, width, height); None: not slides
+  slide_files: dict[str, str] | None = None  # slide id -> its file, for the service's viewer
+  slide_cut: dict | None = None  # how the slides were cut (patch px, mpp, mosaic), for the manifest and log
 
 
 class SourceExists(ValueError):
@@ -93,12 +104,18 @@ def _append(directory: str, idx, manifest: dict, rows: dict, cases: Cases, rebal
   rows = _concat_rows(rows, {"label": cases.label.astype(rows["label"].dtype), "source_id": cases.source_id,
                              "coords": cases.coords.astype(rows["coords"].dtype),
                              "dataset_row": np.full(m, -1, np.int64), "patch_file": np.full(m, batch),
-                             "patch_offset": offsets, "patch_bytes": lengths})
+                             "patch_offset": offsets, "patch_bytes": lengths,
+                             "case_id": np.full(m, "") if cases.case_id is None else cases.case_id,
+                             "region": np.zeros((m, 4), np.int32) if cases.region is None else cases.region})
+  if cases.slide_files:
+    manifest = {**manifest, "slides": with_slide_files(manifest.get("slides"), cases.slide_files, cases.slide_cut)}
   record = growth.growth_record(manifest)
   record["changed_since_training"] += m
   rebalanced = growth.maybe_rebalance(idx, record, rebalance, cases.embeddings)
   sources = sorted(set(cases.source_id.tolist()))
   entry = {"op": "add", "rows": m, "sources": sources, "rebalanced": rebalanced}
+  if cases.slide_cut:
+    entry["slide_cut"] = cases.slide_cut
   if new_class is not None:
     manifest = {**manifest, "class_names": list(manifest.get("class_names") or []) + [new_class]}
     entry["new_class"] = new_class
@@ -128,6 +145,10 @@ def remove(directory: str, source_ids: list[str], rebalance: bool = False, wait:
     before = idx.size
     idx, order = searcher.delete(idx, positions)
     rows = {key: value[order] for key, value in rows.items()}
+    if (manifest.get("slides") or {}).get("files"):  # a removed slide's file is no longer the gallery's
+      gone = set(source_ids)
+      files = {sid: f for sid, f in manifest["slides"]["files"].items() if sid not in gone}
+      manifest = {**manifest, "slides": {**manifest["slides"], "files": files}}
     record = growth.growth_record(manifest)
     record["changed_since_training"] += len(positions)
     rebalanced = growth.maybe_rebalance(idx, record, rebalance)
@@ -137,6 +158,21 @@ def remove(directory: str, source_ids: list[str], rebalance: bool = False, wait:
     return {"index": directory, "rows_before": before, "rows_removed": int(len(positions)), "rows_after": idx.size,
             "rebalanced": rebalanced, "generation": record["generation"],
             "seconds_write": round(time.perf_counter() - start, 3)}
+
+
+def with_slide_files(record: dict | None, files: dict[str, str], cut: dict | None = None) -> dict:
+  """The manifest's `slides` record with `files` (slide id -> path) added, and the cut (patch px,
+  mpp, mosaic) where the gallery recorded none. Paths are kept relative to the record's `root`
+  (the first folder slides came from) where they lie under it, so a gallery's slides can move as
+  a whole (`serve --slides_root`); others absolutely."""
+  record = {**(cut or {}), **(record or {})}
+  paths = {sid: os.path.abspath(path) for sid, path in files.items()}
+  root = record.get("root") or os.path.commonpath([os.path.dirname(p) for p in paths.values()])
+  known = dict(record.get("files") or {})
+  for sid, path in sorted(paths.items()):
+    inside = os.path.commonpath([root, path]) == root
+    known[sid] = os.path.relpath(path, root) if inside else path
+  return {**record, "root": root, "files": known}
 
 
 # --- New cases from image files ---------------------------------------------------------
@@ -231,3 +267,65 @@ def add_upload(engine, directory: str, source_id: str, image: np.ndarray, label:
     summary = _append(directory, idx, manifest, rows, cases, rebalance, label if created else None)
   return {**summary, "source_id": source_id, "label": label, "label_id": label_id, "new_class": created,
           "seconds_cut_embed": round(embedded, 3)}
+
+
+# --- New cases from whole slides --------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SlideCase:
+  path: str
+  slide_id: str  # the file stem
+  label: int
+  case_id: str  # the slide table's; the slide id when none is given (each slide its own case)
+
+
+def labelled_slides(items: list[str], class_names: list[str], slides_csv: str | None = None,
+                    label: str | None = None) -> list[SlideCase]:
+  """Every slide under `items` (`slides.find_slides`), labelled by `label`, else by the slide
+  table's row (`slides_csv`, which then must list every slide), else by its folder's name."""
+  paths = [p for item in items for p in slides.find_slides(item).slides]
+  table = {row.slide_id: row for row in slides.read_slide_table(slides_csv)} if slides_csv else {}
+  out, seen = [], {}
+  for path in paths:
+    sid = slides.slide_id(path)
+    if sid in seen:
+      raise ValueError(f"{path} and {seen[sid]} would share the slide id {sid!r}; rename one")
+    seen[sid] = path
+    row = table.get(sid)
+    if slides_csv and row is None:
+      raise ValueError(f"{path}: slide {sid!r} is not listed in {slides_csv}")
+    name = label if label is not None else row.label if row else os.path.basename(os.path.dirname(os.path.abspath(path)))
+    if name not in class_names:
+      where = "--label" if label is not None else slides_csv if row else f"the folder of {path}"
+      raise ValueError(f"{where} names class {name!r}; the index's classes are {class_names}")
+    out.append(SlideCase(os.fspath(path), sid, class_names.index(name), row.case_id if row else sid))
+  if not out:
+    raise ValueError(f"no slide found under {items} (slide files: {sorted(slides.SLIDE_SUFFIXES)}, or DICOM folders)")
+  return out
+
+
+def slide_cases(cases: list[SlideCase], read: Callable, embed: Callable) -> tuple[Cases, list[str]]:
+  """Cases of every slide: `read(path)` gives its (level-0 regions [m, 4], model-input patches),
+  `embed` the index model's embeddings. A slide without tissue is left out (a message); any
+  other `SlideError` stops here, before anything is written."""
+  parts, empty = [], []
+  for case in cases:
+    try:
+      regions, patches = read(case.path)
+    except slides.NoTissueError as e:
+      empty.append(f"{e}; not added")
+      continue
+    n = len(patches)
+    parts.append((patches, np.full(n, case.label, np.int64), np.full(n, case.slide_id), regions[:, [1, 0]],
+                  np.full(n, case.case_id), regions, case))
+  if not parts:
+    raise ValueError("no slide to add: " + "; ".join(empty))
+  patches = np.concatenate([p[0] for p in parts])
+  column = lambda i: np.concatenate([p[i] for p in parts])
+  return Cases(patches, np.asarray(embed(patches), np.float32), column(1), column(2), column(3).astype(np.int32),
+               column(4), column(5).astype(np.int32), {p[6].slide_id: p[6].path for p in parts}), empty
+
+
+def cut_record(cut: dict) -> dict:
+  """What the manifest's `slides` record keeps of a slide cut."""
+  return {key: cut[key] for key in ("patch_px", "mpp", "min_tissue", "mosaic") if key in cut}

@@ -5,7 +5,10 @@
                     holding it is whole
     rows.npz        per-row metadata: label, source_id, coords, and where each row's picture
                     is (ORIGIN_FIELDS: `dataset_row` in the split the index was built from,
-                    or `patch_file`/`patch_offset`/`patch_bytes` for a row added later)
+                    or `patch_file`/`patch_offset`/`patch_bytes` for a row added later);
+                    rows of whole-slide patches also carry SLIDE_FIELDS: `case_id` and
+                    `region` (level-0 x, y, width, height; source_id is the slide id).
+                    Indexes without them load with none of their rows a slide.
     gallery.npy     mode 'exact': the unit float rows
     codes.npy, codebooks.npy   mode 'adc': PQ codes and the model's codebooks
     scann/          ScaNN modes: the serialised searcher (relocatable)
@@ -28,6 +31,7 @@ from histojax.indexing.searcher import Index
 
 FORMAT_VERSION = 2  # written by `writer`; read here
 ORIGIN_FIELDS = ("dataset_row", "patch_file", "patch_offset", "patch_bytes")
+SLIDE_FIELDS = ("case_id", "region")
 # What `writer.write_contents` puts in scann/; anything else (scann_docids.pkl, which ScaNN would
 # unpickle) is refused on load.
 _SCANN_SUFFIXES = (".pb", ".pbtxt", ".npy")
@@ -131,13 +135,39 @@ def with_origin(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {**defaults, **rows}
 
 
+def with_slide_fields(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`rows` with SLIDE_FIELDS; an index written before them (or without slides) has no case
+  ids and no slide regions (width 0: not a slide patch)."""
+  n = len(rows["label"])
+  defaults = {"case_id": np.full(n, "", dtype="<U1"), "region": np.zeros((n, 4), np.int32)}
+  found = {**defaults, **rows}
+  region = np.asarray(found["region"])
+  if region.shape != (n, 4) or len(found["case_id"]) != n:
+    raise untrusted.CorruptFileError(f"rows.npz: region {region.shape} / case_id {np.shape(found['case_id'])} "
+                                     f"do not fit {n} rows; rebuild the index")
+  return found
+
+
+def slide_mask(rows: dict[str, np.ndarray]) -> np.ndarray:
+  """True for the rows that are patches of a whole-slide image (they have a level-0 region)."""
+  return np.asarray(rows["region"])[:, 2] > 0 if "region" in rows else np.zeros(len(rows["label"]), bool)
+
+
+def stored_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The rows as written: SLIDE_FIELDS only when some row uses them (a photo index stays as it was)."""
+  if "region" in rows and not slide_mask(rows).any() and not np.char.str_len(rows["case_id"].astype(str)).any():
+    return {k: v for k, v in rows.items() if k not in SLIDE_FIELDS}
+  return rows
+
+
 def load_rows(directory: epath.PathLike) -> dict[str, np.ndarray]:
   """Per-row metadata saved with the index (label, source_id, coords), with the picture
-  fields (`with_origin`) filled in for an index never grown."""
+  fields (`with_origin`) filled in for an index never grown, and the slide fields
+  (`with_slide_fields`) for one that holds no slide."""
   path = epath.Path(directory) / "rows.npz"
   if not path.exists():
     raise FileNotFoundError(f"index {directory} has no rows.npz (labels and ids of its gallery rows)")
-  return with_origin(fileio.load_npz(path))
+  return with_slide_fields(with_origin(fileio.load_npz(path)))
 
 
 def added_patch_png(directory, rows: dict, row: int) -> bytes | None:

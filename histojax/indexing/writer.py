@@ -18,7 +18,7 @@ from etils import epath
 
 from histojax import fileio
 from histojax.indexing.searcher import Index
-from histojax.indexing.store import FORMAT_VERSION
+from histojax.indexing.store import FORMAT_VERSION, stored_rows
 
 
 def _write_exact(folder: str, idx: Index) -> None:
@@ -51,7 +51,7 @@ def write_contents(folder: str, idx: Index, manifest: dict, rows: dict[str, np.n
   `folder`, which must exist and be new. Returns the manifest written."""
   _writer(idx.mode)(folder, idx)
   if rows is not None:
-    np.savez(os.path.join(folder, "rows.npz"), **rows)
+    np.savez(os.path.join(folder, "rows.npz"), **stored_rows(rows))
   manifest = full_manifest(idx, manifest)
   with open(os.path.join(folder, "manifest.json"), "w") as f:  # last: a folder with it is whole
     json.dump(manifest, f, indent=2, sort_keys=True)

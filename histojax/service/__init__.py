@@ -12,6 +12,8 @@ record of both (the pieces `histojax.serve` is wired with; docs/serving-a-lab.md
 - `headers`: CSP, nosniff, Referrer-Policy, framing, CORS (closed unless configured);
 - `forms`: a multipart upload read under the size limit, and the JSON error answer;
 - `curate`: the curator's write routes (add, remove a case) through `indexing.curator`.
+- `viewer`: gallery slides' facts, thumbnails and Deep Zoom tiles for the page's viewer, read
+  from the files the index manifest records (`--slides_root`), each route a `picture`.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ import numpy as np
 from scipy.cluster import vq
 from scipy.spatial import distance
 
-from histojax.slides.patches import PatchGrid, read_patches
+from histojax.slides.patches import PatchGrid, patch_grid, read_patches
 from histojax.slides.reading import Slide
+from histojax.slides.tissue import TissueSettings, tissue_mask
 
 _BINS = (2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -83,6 +84,15 @@ def build_mosaic(slide: Slide, grid: PatchGrid, settings: MosaicSettings = Mosai
     histograms[batch.indices] = colour_histograms(batch.images, settings.bins)
   indices = select_mosaic(histograms, grid.coords, settings)
   return Mosaic(indices, grid.subset(indices), len(grid))
+
+
+def choose_patches(slide: Slide, *, patch_px: int, mpp: float, settings: MosaicSettings = MosaicSettings(),
+                   min_tissue: float = 0.5, tissue: TissueSettings = TissueSettings(), workers: int = 4) -> Mosaic:
+  """A slide's patches to embed, as every slide route cuts them (builder, `search --slides`, `index add
+  --slides`): the tissue mask, the grid of `patch_px` px patches at `mpp` um/px with `min_tissue`
+  tissue, and the mosaic (`settings`). NoTissueError for a slide of glass."""
+  grid = patch_grid(slide, tissue_mask(slide, tissue), patch_px=patch_px, mpp=mpp, min_tissue=min_tissue)
+  return build_mosaic(slide, grid, settings, workers=workers)
 
 
 def colour_histograms(images: np.ndarray, bins: int = 16) -> np.ndarray:

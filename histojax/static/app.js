@@ -129,6 +129,7 @@ async function signOut() {
   $("summary").hidden = true;
   $("thumbs").replaceChildren();
   $("sources").tBodies[0].replaceChildren();
+  document.dispatchEvent(new CustomEvent("histojax:answer", { detail: null }));
   showLogin("Signed out.");
 }
 
@@ -236,6 +237,7 @@ function drawAnswer() {
   drawTiles();
   drawFilter();
   redraw();
+  document.dispatchEvent(new CustomEvent("histojax:answer", { detail: a }));  // slides.js draws the top slides
 }
 
 function fitImage() {  // as wide as the column allows, at most 62% of the window's height
