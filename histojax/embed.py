@@ -108,7 +108,8 @@ class Encoder:
     self.state = jax.device_put(state, mesh_lib.replicated(self.mesh))
     self._features = jax.jit(lambda s, x: _features(graphdef, s, x),
                              out_shardings=mesh_lib.batch_sharding(self.mesh))
-    probe = jax.ShapeDtypeStruct((self.mesh.size, 32, 32, 3), np.uint8)
+    side = 2 * self.config.get("patch", 16)  # a ViT takes whole patches only
+    probe = jax.ShapeDtypeStruct((self.mesh.size, side, side, 3), np.uint8)
     self.dim = int(jax.eval_shape(self._features, self.state, probe).shape[1])
 
   @property
@@ -277,6 +278,9 @@ def run(weights: str, paths: list[str], out: str, *, dtype: str = "float32", bat
   files = images.image_paths(paths, "--images")
   manifest = read_weights_manifest(weights)
   transform = card_transform(manifest)
+  patch = manifest["model"].get("patch")
+  if image_size and patch and image_size % patch:
+    raise ValueError(f"--image_size {image_size} is not a multiple of the model's patch ({patch} px)")
   rec, size, source = (None, transform.size, None) if not tiling else \
       tiling_from(tiling, transform.size, image_size, data_dir, split)
   encoder = Encoder(weights, dtype, batch)
