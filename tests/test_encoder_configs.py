@@ -4,20 +4,26 @@ A random-weight hub folder in kaiko_vits16's published layout (full width, 2 blo
 parity fixtures' seeded routine) is converted with `convert --preset`; the frozen encoder
 config then builds BACH's THUNDER split from a fixture archive in the real layout (whole
 photos resized to 224x298), exports, indexes and scores it without training; `search`
-answers on its index, and `embed --tiling INDEX` of the gallery's own photo files gives
+and `serve` answer on its index, and `embed --tiling INDEX` of the gallery's own photo files gives
 the gallery's rows. A 2-step fine-tune with the last block unfrozen moves that block and
 the head, nothing else.
 """
 
 import json
 import pathlib
+import warnings
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from starlette.exceptions import StarletteDeprecationWarning
 
-from histojax import checkpoint, convert, embed, models, optim, search, train
+with warnings.catch_warnings():  # Starlette 1.x would have httpx2 under its TestClient; httpx is the pinned one
+  warnings.simplefilter("ignore", StarletteDeprecationWarning)
+  from starlette.testclient import TestClient
+
+from histojax import checkpoint, convert, embed, models, optim, query, search, serve, train
 from histojax.data import sources
 from histojax.models import presets
 from histojax.weights import store
@@ -88,6 +94,17 @@ def test_search_answers_on_the_frozen_index(frozen_run, archive):
   assert search.run(str(workdir / "index"), [str(photo)], k=3, emit=answers.append) == 0
   (answer,) = answers
   assert answer["tiles_searched"] == 1 and answer["vote"] is not None and len(answer["tiles"][0]["results"]) == 3
+
+
+def test_serve_answers_on_the_frozen_index(frozen_run, archive):
+  _, workdir, _ = frozen_run
+  index = str(workdir / "index")
+  app = serve.build_app(query.QueryEngine.open(index), index, archive[1])
+  photo = next((pathlib.Path(archive[0]) / "ICIAR2018_BACH_Challenge" / "Photos" / "Invasive").glob("*.png"))
+  with TestClient(app) as client:
+    found = client.post("/api/search?k=3", files={"image": (photo.name, photo.read_bytes(), "image/png")})
+  assert found.status_code == 200, found.text
+  assert found.json()["tiles_searched"] == 1 and len(found.json()["sources"]) == 3
 
 
 def test_embed_with_the_index_tiling_reproduces_the_gallery_rows(frozen_run, weights, archive, tmp_path):
