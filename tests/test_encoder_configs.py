@@ -24,6 +24,7 @@ with warnings.catch_warnings():  # Starlette 1.x would have httpx2 under its Tes
   from starlette.testclient import TestClient
 
 from histojax import checkpoint, convert, embed, models, optim, query, search, serve, train
+from histojax import config as config_lib
 from histojax.data import sources
 from histojax.models import presets
 from histojax.weights import store
@@ -131,6 +132,12 @@ def test_frozen_encoder_refuses_to_run_without_weights(archive, tmp_path):
   config = _config(f"configs/finetune_encoder.py:{PRESET}", "", archive)
   with pytest.raises(ValueError, match=r"finetune.trunk='frozen' keeps the trunk's weights"):
     train.train_and_evaluate(config, tmp_path / "w")
+
+
+def test_weights_of_another_preset_are_refused_naming_both(weights, archive):
+  config = _config("configs/frozen_encoder.py:uni2_h", weights, archive)
+  with pytest.raises(ValueError, match=r"holds 'kaiko_vits16' weights .* but model.name is 'uni2_h'"):
+    config_lib.adopt_converted_architecture(config)
 
 
 def test_finetune_with_the_last_block_unfrozen_moves_that_block_and_the_head(weights, archive, frozen_run, tmp_path):
