@@ -40,7 +40,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from histojax import datasets, export, fileio, health, indexing, models, monitor, query, search  # noqa: F401  (datasets: registers the builders)
+# datasets: importing it registers the builders, for --tiling DATASET
+from histojax import datasets, export, fileio, health, indexing, models, monitor, query, search  # noqa: F401
 from histojax import mesh as mesh_lib
 from histojax.data import augment, images
 from histojax.models import heads, presets

@@ -13,12 +13,14 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
+from safetensors.numpy import save_file
 
 from histojax import convert, embed, health
 from histojax.data import augment, images, tiling
 from histojax.models import presets
 from tests import archive_fixtures as afx
 from tests import encoder_fixtures as efx
+from tests import published_keys as published
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARITY = np.load(os.path.join(ROOT, "tests", "fixtures", "encoders", "parity.npz"))
@@ -76,6 +78,26 @@ def test_bfloat16_compute_writes_float32_close_to_the_reference(converted, tmp_p
   assert features.dtype == np.float32
   got = cosine(features, PARITY["kaiko_vits16.native"])
   assert got.min() >= 0.999 and got.min() < 1.0 - 1e-9  # close, and computed in bf16 indeed
+
+
+def test_a_folder_of_another_format_embeds_its_backbone_features(tmp_path):
+  """A converted torchvision ResNet (no preset): global-average-pooled features in eval mode,
+  images resized bicubic on the short side and centre-cropped to 224 (timm's default)."""
+  rng = np.random.default_rng(0)
+  tensors = {k: rng.standard_normal(s).astype(np.float32) if s else np.asarray(1, np.int64)
+             for k, s in published.torchvision_resnet(18, base=8, classes=10).items()}
+  tensors.update({k: np.abs(v) + 0.5 for k, v in tensors.items() if k.endswith("running_var")})
+  save_file(tensors, str(tmp_path / "r18.safetensors"))
+  convert.convert("torchvision_resnet", str(tmp_path / "r18.safetensors"), str(tmp_path / "r18"))
+  paths = save_all(tmp_path / "images", [afx.tissue(224, 224, seed=1), afx.tissue(300, 400, seed=2)])
+  record = embed.run(str(tmp_path / "r18"), paths, str(tmp_path / "f.npy"))
+  features = np.load(tmp_path / "f.npy")
+  assert features.shape == (2, 64) and np.isfinite(features).all() and record["preset"] is None
+  assert record["input"] == {"size": 224, "resize": 224, "interpolation": "bicubic", "crop": "center"}
+  # Each row is the image's own: embedded alone, in another batch, the same feature.
+  second = embed.CardTransform(224, 224, "bicubic")(afx.tissue(300, 400, seed=2))
+  alone = embed.Encoder(str(tmp_path / "r18"))(second[None])
+  assert cosine(alone[0], features[1]) >= 0.99999
 
 
 # --- The card's transform -----------------------------------------------------------------------
