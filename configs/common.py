@@ -8,6 +8,7 @@ only says which fields exist. Each preset edits a config in place.
 import ml_collections
 
 from histojax.data import colour
+from histojax.models import presets
 
 SYNTHETIC_SIZES = ("quickstart", "tiny")
 
@@ -105,3 +106,52 @@ def supervised_bach_on_cpu(c: ml_collections.ConfigDict) -> None:
   c.input.crop, c.input.crop_scale_min = "random_resized", 0.25
   c.input.image_size = 112
   c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 100
+
+
+# BACH as an imported encoder is scored on: variant -> (dataset, query split, validation split).
+ENCODER_DATASETS = {
+    # THUNDER's split (train 218 / validation 50 / test 132 photos), whole photos resized to 224 on
+    # the short side: the frozen-feature protocol of THUNDER (k-NN, linear probe) and eva.
+    "whole_224_thunder": ("bach/whole_224_thunder", "test", "validation"),
+    # eva's split (train 268 / validation 132): eva reports on its validation photos.
+    "whole_224_eva": ("bach/whole_224_eva", "validation", ""),
+    # Tiles at the presets' magnification: 224 px at 20x (0.42 um/px against their 0.5), split by
+    # blocks of photo numbers; queries are photos voted over their tiles.
+    "default": ("bach/default", "test", "validation"),
+    "x10_256": ("bach/x10_256", "test", "validation"),  # 10x, 256 px tiles centre-cropped to 224
+}
+# ViT-g presets (1.1B parameters): fine-tuning splits parameters and Adam moments over every device.
+GIANT_WIDTH = 1536
+
+
+def parse_preset(variants: dict, file: str) -> presets.Preset:
+  """The one preset named among a config's variants (`frozen_encoder.py:uni2_h,...`)."""
+  named = [name for name in variants if name in presets.PRESETS]
+  if len(named) != 1:
+    raise ValueError(f"{file} takes exactly one preset among its variants ({', '.join(presets.names())}), "
+                     f"got {named or 'none'}")
+  return presets.get(named[0])
+
+
+def use_encoder(c: ml_collections.ConfigDict, preset: presets.Preset, dataset: str) -> None:
+  """Points a config at an imported foundation model on BACH: the preset's architecture (its
+  converted weights come from `--config.init_from`, required), its input size, bf16 compute,
+  the dataset variant's splits, THUNDER's ks."""
+  name, query_split, validation = ENCODER_DATASETS[dataset]
+  c.dataset.name, c.dataset.gallery_split, c.dataset.query_split = name, "train", query_split
+  c.dataset.train_split = "train"
+  c.init_from = ""  # --config.init_from=DIR: the folder `convert --preset NAME` wrote
+  c.input.image_size = preset.input_size
+  c.input.eval_batch_size = 64
+  # Parameters stay float32. bf16 features of the 2-block parity models keep cosine >= 0.99997 to the
+  # reference (bench/results/encoder_parity.json); at full depth that is not measured here.
+  c.model.dtype = "bfloat16"
+  c.eval.ks = (1, 3, 5, 10, 20)  # THUNDER's majority votes at 1, 3, 5, 10 (eval/metrics.json thunder/*)
+  c.eval.every_steps = 0
+  c.eval.during.query_split = validation
+
+
+def encoder_on_cpu(c: ml_collections.ConfigDict) -> None:
+  """An imported encoder on a CPU: float32 (bf16 is emulated there, slower) and small eval batches."""
+  c.model.dtype = "float32"
+  c.input.eval_batch_size = 16

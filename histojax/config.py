@@ -14,6 +14,7 @@ from etils import epath
 
 from histojax import indexing, models, objectives, optim, sharding, untrusted
 from histojax.data import colour
+from histojax.weights import store as weights_store
 
 
 def base_config(model: str = "resnet", objective: str = "multi_similarity",
@@ -123,9 +124,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if inp.sampler == "m_per_class" and inp.batch_size % inp.m_per_class:
     raise ValueError(
         f"input.batch_size ({inp.batch_size}) must be a multiple of input.m_per_class ({inp.m_per_class})")
-  if config.total_steps < 0 or (config.total_steps == 0 and not config.init_from):
+  if config.total_steps < 0:
     raise ValueError(f"total_steps must be positive (or 0 with init_from, to evaluate imported weights), "
                      f"got {config.total_steps}")
+  if config.total_steps == 0 and not config.init_from:
+    raise ValueError("total_steps must be positive (or 0 with init_from, to evaluate imported weights): "
+                     "total_steps=0 evaluates imported weights, so give them with --config.init_from=DIR "
+                     "(a folder written by python -m histojax.convert)")
   if config.optimizer.name not in optim.NAMES:
     raise ValueError(f"optimizer.name must be one of {optim.NAMES}, got {config.optimizer.name!r}")
   _validate_finetune(config.finetune)
@@ -155,6 +160,37 @@ def _validate_finetune(ft: ml_collections.ConfigDict) -> None:
                      f"got {ft.unfrozen_blocks} with trunk={ft.trunk!r}")
   if not 0 < ft.layer_decay <= 1:
     raise ValueError(f"finetune.layer_decay must be in (0, 1], got {ft.layer_decay}")
+
+
+def adopt_converted_architecture(config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """Takes over the architecture fields that `config.init_from`'s weights decide, when the
+  folder holds a converted preset (`convert --preset`) and the config names that preset.
+
+  A preset's defaults are its published full-depth architecture; the folder's manifest records
+  what its config.json and tensors said (`inferred`: widths, depth, position grid), which is what
+  the weights fit. Returns {field: (config's value, the weights')} for the fields it changed.
+  Nothing is read when init_from is empty or gone (a resumed run restores its checkpoint), or
+  for folders of the other formats, whose model the config chooses. A trunk frozen in whole or
+  part (`finetune.trunk`) without init_from is refused: it would keep its random init.
+  """
+  if not config.init_from and config.finetune.trunk != "train":
+    raise ValueError(f"finetune.trunk={config.finetune.trunk!r} keeps the trunk's weights: give them with "
+                     "--config.init_from=DIR (a folder written by python -m histojax.convert)")
+  if not config.init_from or not (epath.Path(config.init_from) / "manifest.json").exists():
+    return {}
+  manifest = weights_store.read_manifest(config.init_from)
+  preset = manifest.get("preset")
+  if not preset:
+    return {}
+  if config.model.name != preset:
+    raise ValueError(f"init_from={config.init_from!r} holds {preset!r} weights (convert --preset {preset}), "
+                     f"but model.name is {config.model.name!r}: build the config for {preset!r}")
+  changed = {}
+  for field, value in (manifest.get("inferred") or {}).items():
+    if field in config.model and config.model[field] != value:
+      changed[field] = (config.model[field], value)
+      config.model[field] = type(config.model[field])(value)
+  return changed
 
 
 def parse_variants(arg: str | None, known: dict[str, tuple]) -> dict[str, str | bool]:

@@ -89,7 +89,8 @@ def preset_config(fmt: weights.Format, preset: str, config: dict, tensors: dict,
 def _preset_manifest(preset: str, cfg, config: dict) -> dict:
   spec = presets.get(preset)
   return {"preset": preset, "feature": cfg.pool, "gallery_mpp": spec.gallery_mpp, "hub_config": config,
-          "input": {"size": spec.input_size, "resize": spec.resize, "norm": spec.input_norm},
+          "input": {"size": spec.input_size, "resize": spec.resize, "norm": spec.input_norm,
+                    "interpolation": spec.interpolation, "crop": spec.crop},
           "licence": spec.licence}
 
 
@@ -129,6 +130,14 @@ def convert(format_name: str, input_path: str, output: str, *, model: str = "", 
   return store.save(output, imported.values, manifest)
 
 
+def input_transform(record: dict) -> str:
+  """A manifest's `input` record in words: 'resize 256 (bicubic) + centre crop 224 px'."""
+  how = record.get("interpolation", "bilinear")
+  if record.get("crop", "center") == "squash":
+    return f"resize to {record['size']}x{record['size']} px ({how})"
+  return f"resize {record['resize']} ({how}) + centre crop {record['size']} px"
+
+
 def summary(manifest: dict, output: str) -> str:
   model = manifest["model"]
   fields = ", ".join(f"{k}={model[k]!r}" for k in manifest["inferred"] if k != "name")
@@ -143,8 +152,8 @@ def summary(manifest: dict, output: str) -> str:
                  f"(e.g. {manifest['left_at_init'][0]})")
   if "preset" in manifest:
     size = manifest["input"]
-    lines.append(f"preset {manifest['preset']}: feature {manifest['feature']}, input resize "
-                 f"{size['resize']} + centre crop {size['size']} px, normalisation {size['norm']}, gallery at "
+    lines.append(f"preset {manifest['preset']}: feature {manifest['feature']}, input {input_transform(size)}, "
+                 f"normalisation {size['norm']}, gallery at "
                  f"{manifest['gallery_mpp']} um/px; licence: {manifest['licence']}")
   lines.append(f"use: base_config(model={model['name']!r}) with those fields and --config.init_from={output}")
   return "\n".join(lines)

@@ -9,7 +9,7 @@ every process, so the same config runs on 1 device and on a 256-chip pod.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -85,3 +85,21 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, tree)
+
+
+def map_padded(fn: Callable[[jax.Array], jax.Array], rows: np.ndarray, mesh: Mesh, max_batch: int) -> list[np.ndarray]:
+  """`fn` (a jitted function of one global batch) over `rows` of this process, in device calls
+  of at most `max_batch` rows (rounded down to whole devices), each padded with zeros to a power
+  of two times the device count, so that a stream of ragged batches compiles a few shapes only.
+  Returns the outputs of the real rows, one host array per call (none for no rows)."""
+  devices = mesh.size
+  cap = max(devices, max_batch // devices * devices)
+  out = []
+  for start in range(0, len(rows), cap):
+    chunk = rows[start:start + cap]
+    size = min(cap, devices * 2 ** int(np.ceil(np.log2(max(1, -(-len(chunk) // devices))))))
+    padded = np.zeros((size, *chunk.shape[1:]), chunk.dtype)
+    padded[:len(chunk)] = chunk
+    batch = to_global({"rows": padded}, mesh)["rows"]
+    out.append(np.asarray(to_host(fn(batch)))[:len(chunk)])
+  return out

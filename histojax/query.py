@@ -95,8 +95,7 @@ class QueryModel:
     self.fingerprint = identity.fingerprint(self.trainer, self.state)
     self.image_size = self.config.input.image_size
     self._embed = step_lib.jit_embed(self.trainer)
-    self._devices = self.trainer.mesh.size
-    probe = jax.ShapeDtypeStruct((self._devices, self.image_size, self.image_size, 3), np.uint8)
+    probe = jax.ShapeDtypeStruct((self.trainer.mesh.size, self.image_size, self.image_size, 3), np.uint8)
     self.dim = int(jax.eval_shape(self._embed, self.state, probe).shape[1])
     self.identity = json.loads(json.dumps({
         "step": self.step, "fingerprint": self.fingerprint, "model": models.identity(self.config.model),
@@ -112,15 +111,8 @@ class QueryModel:
   def embed(self, patches: np.ndarray) -> np.ndarray:
     """[n, s, s, 3] uint8 -> [n, d] float32: one padded device call per `input.eval_batch_size`
     patches, padded to a power of two times the device count (few compilations)."""
-    cap = max(self._devices, self.config.input.eval_batch_size // self._devices * self._devices)
-    out = []
-    for start in range(0, len(patches), cap):
-      chunk = patches[start:start + cap]
-      size = min(cap, self._devices * 2 ** int(np.ceil(np.log2(max(1, -(-len(chunk) // self._devices))))))
-      padded = np.zeros((size, *chunk.shape[1:]), np.uint8)
-      padded[:len(chunk)] = chunk
-      batch = mesh_lib.to_global({"image": padded}, self.trainer.mesh)["image"]
-      out.append(np.asarray(mesh_lib.to_host(self._embed(self.state, batch)))[:len(chunk)])
+    out = mesh_lib.map_padded(lambda batch: self._embed(self.state, batch), np.asarray(patches, np.uint8),
+                              self.trainer.mesh, self.config.input.eval_batch_size)
     return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 

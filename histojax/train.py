@@ -41,6 +41,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   stopped early.
   """
   config_lib.validate(config)
+  adopted = config_lib.adopt_converted_architecture(config)
+  if adopted:  # e.g. a reduced-depth or other-grid conversion of the preset
+    monitor_lib.info("model fields from init_from's weights: %s",
+                     ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in adopted.items()))
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
 

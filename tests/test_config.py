@@ -55,7 +55,7 @@ def test_cli_modules_import_together_and_define_flags_only_when_run():
   called only under `__main__`, so the modules import each other without duplicate flags."""
   from absl import flags  # noqa: PLC0415
 
-  from histojax import convert, evaluate, prepare, search, train  # noqa: PLC0415
-  for module in (convert, evaluate, prepare, search, train):
+  from histojax import convert, embed, evaluate, prepare, search, train  # noqa: PLC0415
+  for module in (convert, embed, evaluate, prepare, search, train):
     assert callable(module.main) and callable(module.define_flags), module.__name__
-  assert not {"workdir", "index", "images", "dataset", "format", "step", "gallery"} & set(flags.FLAGS)
+  assert not {"workdir", "index", "images", "dataset", "format", "step", "gallery", "weights", "tiling"} & set(flags.FLAGS)

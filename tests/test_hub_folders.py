@@ -55,7 +55,8 @@ def test_timm_folder_converts_with_the_card_kwargs_and_records_the_preset(tmp_pa
   assert (model["width"], model["layers"], model["heads"], model["reg_tokens"]) == (32, 2, 2, 4)
   assert (model["mlp"], model["act"], model["mlp_dim"], model["pos_embed"]) == ("glu", "silu", 64, "prefix")
   assert manifest["feature"] == model["pool"] == "token_patch_mean" and manifest["gallery_mpp"] == 0.5
-  assert manifest["input"] == {"size": 224, "resize": 224, "norm": "imagenet"}
+  assert manifest["input"] == {"size": 224, "resize": 224, "norm": "imagenet", "interpolation": "bicubic",
+                               "crop": "center"}  # Virchow2's card: timm's bicubic transform
   assert manifest["sources"]["backbone.reg_token"] == "reg_token" and not manifest["left_at_init"]
   assert manifest["source_sha256"] == manifest["source_files"]["model.safetensors"]
   cls_only = convert.convert("timm", str(tmp_path / "hub"), str(tmp_path / "w_cls"), preset="virchow2",

@@ -47,10 +47,43 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(PIL.Image.fromarray(image).resize((size, size), PIL.Image.Resampling.BILINEAR))
 
 
+FILTERS = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.Resampling.BICUBIC}
+
+
+def resize_short_side(image: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
+  """The short side to `size`, the long one to int(size * long / short), as torchvision's
+  Resize(int) sizes a PIL image (and filters it: PIL's antialiased `interpolation`); an image
+  already that size is returned as it is, as there."""
+  h, w = image.shape[:2]
+  short, long = min(h, w), max(h, w)
+  target = (size, int(size * long / short))
+  new_h, new_w = target if h <= w else target[::-1]
+  if (new_h, new_w) == (h, w):
+    return image
+  return np.asarray(PIL.Image.fromarray(image).resize((new_w, new_h), FILTERS[interpolation]))
+
+
+def resize_square(image: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
+  """Straight to size x size, the aspect ratio not kept (transformers' ViTImageProcessor)."""
+  if image.shape[:2] == (size, size):
+    return image
+  return np.asarray(PIL.Image.fromarray(image).resize((size, size), FILTERS[interpolation]))
+
+
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   _check_size(image, size)
   y = (image.shape[0] - size) // 2
   x = (image.shape[1] - size) // 2
+  return image[y:y + size, x:x + size]
+
+
+def center_crop_rounded(image: np.ndarray, size: int) -> np.ndarray:
+  """torchvision's CenterCrop: offsets int(round((h - size) / 2)), Python's round (half to even).
+  `center_crop` floors them, one pixel apart when h - size is odd; export and search keep that
+  one, so that their galleries and queries agree with the ones already built."""
+  _check_size(image, size)
+  y = int(round((image.shape[0] - size) / 2.0))
+  x = int(round((image.shape[1] - size) / 2.0))
   return image[y:y + size, x:x + size]
 
 

@@ -10,9 +10,11 @@ features from its weight folder, beyond what the folder itself says:
                  position layout, the feature).
   feature        the model card's feature convention (`vit.POOLS`); `features`
                  lists the alternatives the card or TRIDENT use.
-  input          the card's eval transform: resize the short side to `resize`,
-                 centre-crop `input_size`, normalise with `input_norm`
-                 (`models.embedder.INPUT_NORMS`).
+  input          the card's eval transform: resize the short side to `resize`
+                 (torchvision's Resize(int) rule) and centre-crop `input_size`, or
+                 for `crop="squash"` resize to `input_size` square (transformers'
+                 ViTImageProcessor), with PIL's `interpolation`; normalise with
+                 `input_norm` (`models.embedder.INPUT_NORMS`).
   gallery_mpp    microns per pixel the model was trained at (0.5 = 20x), the
                  manifest field whole-slide search reads.
   resample       how the reference resamples the position grid for other input
@@ -34,6 +36,15 @@ import dataclasses
 import types
 
 _SWIGLU = {"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
+# The eval transform's resize filter and crop (`Preset.interpolation`, `Preset.crop`), as published:
+# Resize(224) + CenterCrop(224) with torchvision's default bilinear in the UNI, Midnight and kaiko.ai
+# cards, and in TRIDENT load.py for UNI2-h, H-optimus-0/1 and Phikon-v2 (their hub pretrained_cfg
+# was not seen here); bicubic for Virchow/Virchow2 (their cards build timm's transform from the hub
+# pretrained_cfg; TRIDENT: Resize(224, BICUBIC)); Resize(256, BICUBIC) + CenterCrop(224) in the
+# Prov-GigaPath card; a square Resize((224, 224)) for Phikon (bilinear, as transformers'
+# ViTImageProcessor) and Hibou (bicubic) in TRIDENT load.py.
+INTERPOLATIONS = ("bilinear", "bicubic")
+CROPS = ("center", "squash")
 
 
 def _vit(width, layers, heads, patch, image_size, mlp_dim, *, mlp="mlp", act="gelu", layer_scale=0.0,
@@ -56,12 +67,19 @@ class Preset:
   features: tuple[str, ...] = ()
   input_size: int = 224
   resize: int = 224
+  interpolation: str = "bilinear"  # PIL filter of the resize: torchvision's Resize default, as most cards
+  crop: str = "center"  # "center": short side to `resize`, centre crop; "squash": straight to input_size square
   gallery_mpp: float = 0.5
   resample: str = "bicubic_antialias"
   timm_architecture: str = ""
   card_kwargs: dict = dataclasses.field(default_factory=dict)
   hub_config: dict = dataclasses.field(default_factory=dict)
   notes: str = ""
+
+  def __post_init__(self):
+    if self.interpolation not in INTERPOLATIONS or self.crop not in CROPS:
+      raise ValueError(f"preset {self.name!r}: interpolation must be one of {INTERPOLATIONS} and crop one of "
+                       f"{CROPS}, got {self.interpolation!r}, {self.crop!r}")
 
   def model_fields(self, feature: str | None = None) -> dict:
     """histojax model config fields (`models.model_config(name)` holds these plus head and dtype)."""
@@ -98,7 +116,7 @@ _PRESETS = [
                            dynamic_img_size=True)),
     Preset("virchow", "Virchow (Paige)", "hf-hub:paige-ai/Virchow", "timm",
            _vit(1280, 32, 16, 14, 224, 6832, mlp="glu", act="silu", layer_scale=1e-5), "token_patch_mean",
-           "imagenet", features=("token",),
+           "imagenet", features=("token",), interpolation="bicubic",
            licence="Apache-2.0 with Paige's additional terms, gated: research use, not clinical",
            verified="Virchow model card (config.json model_args, SwiGLUPacked + SiLU kwargs, class token + mean "
                     f"of patch tokens = 2560-d); TRIDENT load.py; {_TIMM_SRC} (vit_huge_patch14_224: 16 heads of 80)",
@@ -107,7 +125,7 @@ _PRESETS = [
                            dynamic_img_size=True)),
     Preset("virchow2", "Virchow2 (Paige)", "hf-hub:paige-ai/Virchow2", "timm",
            _vit(1280, 32, 16, 14, 224, 6832, mlp="glu", act="silu", layer_scale=1e-5, reg_tokens=4),
-           "token_patch_mean", "imagenet", features=("token",),
+           "token_patch_mean", "imagenet", features=("token",), interpolation="bicubic",
            licence="CC-BY-NC-ND-4.0, gated: non-commercial research only",
            verified="Virchow2 model card (config.json model_args with reg_tokens=4 and position embeddings over "
                     "1 + 4 + 256 tokens; features = class token + mean of tokens 5..); TRIDENT load.py",
@@ -135,7 +153,7 @@ _PRESETS = [
            notes="same architecture as H-optimus-0; hub config.json not seen here"),
     Preset("prov_gigapath", "Prov-GigaPath tile encoder (Microsoft, Providence)", "hf-hub:prov-gigapath/prov-gigapath",
            "timm", _vit(1536, 40, 24, 16, 224, 8192, mlp="glu", act="silu", layer_scale=1e-5), "token", "imagenet",
-           resize=256, licence="Apache-2.0, gated: research use only",
+           resize=256, interpolation="bicubic", licence="Apache-2.0, gated: research use only",
            verified="hub config.json (vit_giant_patch14_dinov2 with patch_size=16, mlp_ratio=5.33334) as quoted in "
                     f"public code; TRIDENT load.py (Resize 256 + CenterCrop 224); {_TIMM_SRC}: the architecture "
                     "function brings SwiGLUPacked + SiLU, so fc1 is 8192 wide packed, fc2 reads 4096",
@@ -143,7 +161,7 @@ _PRESETS = [
            hub_config=dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
                            init_values=1e-05, mlp_ratio=5.33334, num_classes=0)),
     Preset("phikon", "Phikon (Owkin)", "owkin/phikon", "transformers",
-           _vit(768, 12, 12, 16, 224, 3072, ln_eps=1e-12), "token", "imagenet", resample="bicubic",
+           _vit(768, 12, 12, 16, 224, 3072, ln_eps=1e-12), "token", "imagenet", resample="bicubic", crop="squash",
            licence="Owkin non-commercial licence",
            verified="TRIDENT load.py (ViTModel, last_hidden_state[:, 0]); transformers 5.25 ViTModel",
            hub_config=dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -161,7 +179,7 @@ _PRESETS = [
            notes="hub config.json not seen here: widths, depth and image size are read from the folder"),
     Preset("hibou_b", "Hibou-B (HistAI)", "histai/hibou-b", "transformers",
            _vit(768, 12, 12, 14, 224, 4096, mlp="glu", act="silu", layer_scale=1.0, reg_tokens=4, pos_embed="class"),
-           "token", "hibou", resample="bicubic_offset", licence="Apache-2.0",
+           "token", "hibou", resample="bicubic_offset", crop="squash", interpolation="bicubic", licence="Apache-2.0",
            verified="hub config.json (Dinov2ModelWithRegisters, num_register_tokens=4, use_swiglu_ffn, patch 14); "
                     "HistAI/hibou vision_transformer.py (registers inserted after the position embedding); "
                     "preprocessor stats as used by TRIDENT and others",
@@ -174,7 +192,8 @@ _PRESETS = [
                  "rule (transformers 4.41's +0.1 offset) are those of the transformers code it derives from"),
     Preset("hibou_l", "Hibou-L (HistAI)", "histai/hibou-L", "transformers",
            _vit(1024, 24, 16, 14, 224, 5472, mlp="glu", act="silu", layer_scale=1.0, reg_tokens=4, pos_embed="class"),
-           "token", "hibou", resample="bicubic_offset", licence="Apache-2.0 (check the card)",
+           "token", "hibou", resample="bicubic_offset", crop="squash", interpolation="bicubic",
+           licence="Apache-2.0 (check the card)",
            verified="as hibou_b; Hibou-L's own config.json was not seen here",
            hub_config=dict(model_type="dinov2", architectures=["Dinov2ModelWithRegisters"], hidden_size=1024,
                            num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, hidden_act="gelu",
