@@ -101,8 +101,9 @@ def message(record: dict | None, what: str) -> str | None:
           f"(> {COLLAPSE_ABOVE}; mean pairwise cosine {record['mean_norm'] ** 2:.4f})"
           + ("" if dim is None else f", effective dimension {dim:.1f} of {record.get('dim')}")
           + ". Neighbour scores crowd near 1 and say little about match quality, and quantised "
-            "search (tree_ah, PQ) loses ranks; retrain with a head that centres its features "
-            "(cgd: model.head.descriptor_norm='batch_norm').")
+            "search (tree_ah, PQ) loses ranks. A trained model: retrain with a head that centres its "
+            "features (cgd: model.head.descriptor_norm='batch_norm'); imported weights: check the preset's "
+            "normalisation and feature against its model card (random or wrongly mapped weights look like this).")
 
 
 def warn(record: dict | None, what: str) -> str | None:
