@@ -79,8 +79,8 @@ def bach_on_cpu(c: ml_collections.ConfigDict) -> None:
   c.model.depth, c.model.width, c.model.dtype = 18, 0.5, "float32"
   c.checkpoint.every_steps = 250
   # Retrieval on validation while training: 512 train tiles against all 231 validation tiles,
-  # every 250 steps. On bach_dml.py:cpu that took 2.3% of the run's wall time, 6 evaluations of
-  # 11-20 s on a loaded machine (bench/results/eval_during_training.json).
+  # every 250 steps. On bach_dml.py:cpu that took 3.1% of the run's wall time idle (6 evaluations
+  # of 4-5 s; bench/results/eval_during_training.json), 2.3% on a loaded machine (11-20 s each).
   c.eval.every_steps, c.eval.during.gallery_rows = 250, 512
 
 
