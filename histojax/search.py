@@ -68,7 +68,7 @@ def format_answer(result: dict) -> str:
              if vote else "no tissue tile, no vote"))
   lines = [head]
   if result.get("sources"):
-    lines.append(f"  most similar source images (mean over tiles of the best score per image):")
+    lines.append("  most similar source images (mean over tiles of the best score per image):")
     lines.append(f"  {'rank':>6}{'score':>9}  {'label':<16}{'tiles':>6}  source image")
     lines += [f"  {s['rank']:>6}{s['score']:>9.4f}  {s['label']:<16}{s['tiles_matched']:>6}  {s['source_id']}"
               for s in result["sources"]]

@@ -13,8 +13,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from histojax import datasets  # noqa: E402, F401  (registers the builders, as the entry points do)
+from histojax import convert, datasets  # noqa: E402, F401  (datasets: registers the builders, as the entry points do)
 from histojax.data import sources  # noqa: E402
+from histojax.models import presets  # noqa: E402
+from tests import encoder_fixtures  # noqa: E402
 
 # The real BACH photos (the official layout), when the machine has them: the location comes
 # from the environment, never from where this checkout happens to sit. `.ci/run` sets it.
@@ -30,6 +32,23 @@ def tiny_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   sources.prepare("synthetic_tissue/tiny", data_dir)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def converted_preset(tmp_path_factory):
+  """name -> (weights folder, manifest): the preset's random published-layout weights
+  (tests/encoder_fixtures.py, full width, 2 blocks) written as a hub folder and converted by
+  the real `convert --preset` path, once per session whichever module asks first."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      preset, root = presets.get(name), tmp_path_factory.mktemp(name)
+      encoder_fixtures.write_hub_folder(preset, str(root / "hub"))
+      manifest = convert.convert(preset.format, str(root / "hub"), str(root / "weights"), preset=name)
+      cache[name] = (str(root / "weights"), manifest)
+    return cache[name]
+  return get
 
 
 @pytest.fixture(scope="session")

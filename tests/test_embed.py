@@ -29,17 +29,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::histojax.health.CollapsedEmbedd
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  cache = {}
-
-  def get(name):
-    if name not in cache:
-      preset, root = presets.get(name), tmp_path_factory.mktemp(name)
-      efx.write_hub_folder(preset, str(root / "hub"))
-      convert.convert(preset.format, str(root / "hub"), str(root / "weights"), preset=name)
-      cache[name] = str(root / "weights")
-    return cache[name]
-  return get
+def converted(converted_preset):
+  """name -> the converted weights folder (conftest's `converted_preset`)."""
+  return lambda name: converted_preset(name)[0]
 
 
 def cosine(a, b):

@@ -23,13 +23,11 @@ with warnings.catch_warnings():  # Starlette 1.x would have httpx2 under its Tes
   warnings.simplefilter("ignore", StarletteDeprecationWarning)
   from starlette.testclient import TestClient
 
-from histojax import checkpoint, convert, embed, models, optim, query, search, serve, train
+from histojax import checkpoint, embed, models, optim, query, search, serve, train
 from histojax import config as config_lib
 from histojax.data import sources
-from histojax.models import presets
 from histojax.weights import store
 from tests import archive_fixtures as afx
-from tests import encoder_fixtures as efx
 from tests.conftest import load_config
 
 # The fixture photos are the same pink noise to a random-weight model: their features are collapsed,
@@ -42,12 +40,8 @@ NUMBERS = (1, 10, 11, 16, 26, 42, 100)
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-  root = tmp_path_factory.mktemp("weights")
-  preset = presets.get(PRESET)
-  efx.write_hub_folder(preset, str(root / "hub"))
-  convert.convert(preset.format, str(root / "hub"), str(root / "converted"), preset=PRESET)
-  return str(root / "converted")
+def weights(converted_preset) -> str:
+  return converted_preset(PRESET)[0]
 
 
 @pytest.fixture(scope="module")

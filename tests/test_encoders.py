@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from histojax import convert, models
+from histojax import models
 from histojax.models import presets, resample
 from histojax.weights import store
 from tests import encoder_fixtures as fx
@@ -45,21 +45,6 @@ def cosine(a, b):
   return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  """name -> (weights folder, manifest), each preset's hub folder converted once."""
-  cache = {}
-
-  def get(name):
-    if name not in cache:
-      preset, root = presets.get(name), tmp_path_factory.mktemp(name)
-      fx.write_hub_folder(preset, str(root / "hub"))
-      manifest = convert.convert(preset.format, str(root / "hub"), str(root / "weights"), preset=name)
-      cache[name] = (root / "weights", manifest)
-    return cache[name]
-  return get
-
-
 def embedder(manifest, weights_dir, **overrides):
   """(jitted features(state, images), state) of the converted model; the backbone is filled from the
   weights, the head (unused by `features`) zeros: no random init to compile."""
@@ -73,9 +58,9 @@ def embedder(manifest, weights_dir, **overrides):
 
 
 @pytest.mark.parametrize("name", presets.names())
-def test_preset_reproduces_its_reference_implementation(converted, name):
+def test_preset_reproduces_its_reference_implementation(converted_preset, name):
   preset = presets.get(name)
-  weights_dir, manifest = converted(name)
+  weights_dir, manifest = converted_preset(name)
   features, state = embedder(manifest, weights_dir)
   native, other = fx.images(preset)
   assert cosine(features(state, native), PARITY[f"{name}.native"]).min() >= MIN_COSINE
@@ -90,7 +75,7 @@ def test_preset_reproduces_its_reference_implementation(converted, name):
 
 
 @pytest.mark.parametrize("name", presets.names())
-def test_preset_matches_live_torch(converted, name):
+def test_preset_matches_live_torch(converted_preset, name):
   """The committed features, recomputed by the fixture script where torch, timm and transformers are installed."""
   for module in ("torch", "timm", "transformers"):
     pytest.importorskip(module)
@@ -100,7 +85,7 @@ def test_preset_matches_live_torch(converted, name):
   spec.loader.exec_module(live)
   reference = {}
   live.record(presets.get(name), reference)
-  weights_dir, manifest = converted(name)
+  weights_dir, manifest = converted_preset(name)
   features, state = embedder(manifest, weights_dir)
   native, other = fx.images(presets.get(name))
   assert cosine(features(state, native), reference[f"{name}.native"]).min() >= MIN_COSINE
@@ -109,8 +94,8 @@ def test_preset_matches_live_torch(converted, name):
 
 
 @pytest.mark.parametrize("name,feature", [(p, f) for p in presets.names() for f in presets.get(p).features])
-def test_alternative_features_match_the_reference(converted, name, feature):
-  weights_dir, manifest = converted(name)
+def test_alternative_features_match_the_reference(converted_preset, name, feature):
+  weights_dir, manifest = converted_preset(name)
   features, state = embedder(manifest, weights_dir, pool=feature)
   native, _ = fx.images(presets.get(name))
   assert cosine(features(state, native), PARITY[f"{name}.native.{feature}"]).min() >= MIN_COSINE
@@ -128,16 +113,16 @@ def test_full_depth_architecture_has_the_published_parameter_count(name):
   assert counts[0] + (layers - 1) * (counts[1] - counts[0]) == PUBLISHED_PARAMETERS[name]
 
 
-def test_a_wrong_gate_order_or_resampling_rule_cannot_pass(converted):
+def test_a_wrong_gate_order_or_resampling_rule_cannot_pass(converted_preset):
   """The random weights make every part count: swapping SwiGLU's halves, or resampling positions by another
   rule, falls far below the bar."""
-  weights_dir, manifest = converted("uni2_h")
+  weights_dir, manifest = converted_preset("uni2_h")
   features, state = embedder(manifest, weights_dir)
   native, other = fx.images(presets.get("uni2_h"))
   swapped = jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.roll(x, x.shape[-1] // 2, axis=-1) if "fc1" in jax.tree_util.keystr(path) else x, state)
   assert cosine(features(swapped, native), PARITY["uni2_h.native"]).max() < 0.99
-  weights_dir, manifest = converted("kaiko_vits16")
+  weights_dir, manifest = converted_preset("kaiko_vits16")
   features, state = embedder(manifest, weights_dir, resample="bicubic")
   native, other = fx.images(presets.get("kaiko_vits16"))
   assert cosine(features(state, native), PARITY["kaiko_vits16.native"]).min() >= MIN_COSINE  # no resampling

@@ -8,13 +8,11 @@ midway, the page in Chromium, and 32 clients searching while a curator adds and 
 Who may call the routes is tests/test_serve_auth.py's matrix.
 """
 
-import concurrent.futures
 import io
 import json
 import os
 import pathlib
 import shutil
-import threading
 import time
 
 import httpx
@@ -25,7 +23,7 @@ import pytest
 from bench import serve_load
 from histojax import fileio, query, serve
 from histojax.indexing import curator, writer
-from histojax.service import audit, auth, sessions, tokens
+from histojax.service import audit, auth, tokens
 from tests.test_serve_auth import CHROMIUM, Running
 from tfds_builders.synthetic_tissue import painter
 

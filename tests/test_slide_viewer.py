@@ -22,7 +22,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from histojax import index as index_cli
 from histojax import query, serve, slides
-from histojax.service import auth, tokens, viewer
+from histojax.service import auth, tokens
 from tests import slide_fixtures
 from tests.test_serve import CHROMIUM, CHROMIUM_ARGS, Running
 
